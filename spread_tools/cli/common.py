@@ -75,9 +75,9 @@ def command_settings(schema):
     dict
     """
     # "\b" keeps click from re-wrapping the table.
-    lines = ["Parameters (key=value words or a TOML file; units in brackets):", "\b"]
-    lines += help_table(schema).splitlines()
-    return {"epilog": "\n".join(lines)}
+    table = "\n".join(["\b"] + help_table(schema).splitlines())
+    return {"epilog": "Parameters (key=value words or a TOML file; type and units in "
+                      "parentheses):\n\n" + table}
 
 
 def parse_words(schema, words, config_path=None, show_config=False):
