@@ -48,6 +48,9 @@ def _atomic_path(path, overwrite, suffix):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix,
                                dir=path.parent if str(path.parent) else ".")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs are for the whole group
     try:
         yield tmp
         os.replace(tmp, path)

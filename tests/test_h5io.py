@@ -53,3 +53,14 @@ def test_open_checked_errors(tmp_path):
         h5.attrs["version"] = 99
     with pytest.raises(InputError, match="newer"):
         open_checked(newer, "spread_tools.test")
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "perm.csv"
+        atomic_write_text(out, "a\n")
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o644
