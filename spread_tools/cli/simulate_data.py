@@ -1,0 +1,241 @@
+"""``simulate_data``: SF cache + ground-truth f′/f″ curves → synthetic SPREAD dataset.
+
+Example::
+
+    simulate_data sf_cache.h5 -o dataset.h5 \\
+        truth=FE1=test_data/spectra/pf-rd-ox_fftkk.out,FE2=test_data/spectra/pf-rd-red_fftkk.out \\
+        lattices=40 seed=1 shoebox_size=7 fluence=1e4
+"""
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import P
+from ..errors import InputError
+from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
+                     make_app, parse_words, require_files, user_errors)
+
+SCRIPT = "simulate_data"
+
+SCHEMA = {
+    "truth": P([], "ground-truth curve of every site of the SF cache, SITE=TABLE, "
+                   "comma-separated (TABLE: E f' f'' text, Henke .nff, CSV or a result); "
+                   "the curves are interpolated linearly to the channel energies",
+               type=list, item_type=str),
+    "lattices": P(20, "number of lattices (one crystal in one shot)"),
+    "seed": P(1, "random seed (orientations, spectra, scales, backgrounds, noise)"),
+    "d_min": P(None, "high-resolution limit of the simulated reflections (None: the cache's)",
+               units="Å", type=float, optional=True),
+    "d_max": P(None, "low-resolution limit of the simulated reflections (None: the cache's)",
+               units="Å", type=float, optional=True),
+    "shoebox_size": P(7, "shoebox edge, square boxes centred on the predicted spot", units="px"),
+    "fluence": P(1.0e4, "photons per shot in the channel window", units="photons/Å²"),
+    "noise": P(True, "Poisson noise (false: store the expected counts)"),
+    "n_sigma": P(3.0, "a reflection is simulated when it lies within n_sigma widths "
+                      "(domain size + mosaic) of the Ewald sphere of a channel with photons"),
+    "min_spot_photons": P(0.0, "keep a reflection only when its expected Bragg photons in the "
+                               "central 5x5 pixels reach this (0: keep every reflection in "
+                               "diffraction condition)", units="photons"),
+    "backend": P("cpu", "kernel for the channel weights (cpu: bit-reproducible on any machine; "
+                        "cuda/auto: a GPU, same results to float32 round-off)",
+                 choices=("cpu", "cuda", "auto")),
+    "chunk_lattices": P(32, "lattices per chunk (bounds memory: pixels x channels x 4 bytes)"),
+    "spectrum": {
+        "min_ev": P(7070.0, "first channel energy", units="eV"),
+        "max_ev": P(7170.0, "last channel energy (included)", units="eV"),
+        "step_ev": P(1.0, "channel width", units="eV"),
+        "centre_min_ev": P(7085.0, "lowest SASE envelope centre", units="eV"),
+        "centre_max_ev": P(7155.0, "highest SASE envelope centre", units="eV"),
+        "envelope_fwhm_ev": P(25.0, "FWHM of the Gaussian SASE envelope", units="eV"),
+        "n_spikes": P(40, "SASE spikes per shot (exponential heights)"),
+        "spike_fwhm_ev": P(1.5, "FWHM of one spike", units="eV"),
+        "min_relative_weight": P(1e-4, "channels below this fraction of the shot's maximum "
+                                       "get 0 photons"),
+    },
+    "crystal": {
+        "G_median": P(1.0, "median per-lattice scale G"),
+        "G_log_sigma": P(0.3, "log-normal spread of G (sigma of ln G)"),
+        "mosaic_spread_deg": P(0.0512, "mosaic spread: rms rotation angle of the domains "
+                                       "(geometry.mosaic_rotations)", units="deg"),
+        "domain_size_cells": P([48.0, 48.0, 24.0], "mosaic domain size N_a, N_b, N_c",
+                               units="cells", type=list, item_type=float),
+        "n_domains": P(8, "mosaic domains summed per pixel"),
+    },
+    "beam": {   # the beam runs along -z (DIALS direction (0, 0, 1)), the detector faces it
+        "polarization_normal": P([0.0, 1.0, 0.0], "DIALS polarization_normal",
+                                 type=list, item_type=float),
+        "polarization_fraction": P(0.999, "DIALS polarization_fraction"),
+    },
+    "background": {
+        "photons": P(0.5, "flat background level (a water ring at 3.7 Å adds up to 1.5x)",
+                     units="photons/pixel"),
+        "log_sigma": P(0.2, "log-normal spread of the background level across lattices"),
+    },
+    "detector": {
+        "distance_mm": P(100.0, "sample-to-detector distance along the beam", units="mm"),
+        "pixel_size_mm": P(0.1, "square pixel size", units="mm"),
+        "n_fast": P(None, "pixels along fast of a single flat panel (None: the 16-module "
+                          "ePix10k-2M-like detector of 352x384-pixel modules)",
+                    type=int, optional=True),
+        "n_slow": P(None, "pixels along slow of a single flat panel (None: as n_fast)",
+                    type=int, optional=True),
+        "gap_mm": P(2.0, "gap between the modules of the 16-module detector", units="mm"),
+        "offset_mm": P([0.0, 0.0], "lateral shift (x, y) of the detector in the lab frame",
+                       units="mm", type=list, item_type=float),
+    },
+}
+
+app = make_app(SCRIPT, "Simulate a SPREAD dataset (XFEL still shots with SASE spectra) from "
+                       "an SF cache and ground-truth f'/f'' curves per site. Output: an HDF5 "
+                       "spread_tools.dataset file (-o) with the truth (curves at the channel "
+                       "energies, G per lattice, background per shoebox) under truth/.")
+
+
+def settings_from_config(cfg):
+    """Build :class:`~spread_tools.simulate.SimulationSettings` from the parameters.
+
+    Parameters
+    ----------
+    cfg : spread_tools.config.Config
+        Resolved ``simulate_data`` parameters.
+
+    Returns
+    -------
+    spread_tools.simulate.SimulationSettings
+    """
+    from ..simulate import SimulationSettings
+    sp, cr, bm = cfg.spectrum, cfg.crystal, cfg.beam
+    return SimulationSettings(
+        n_lattices=cfg.lattices, seed=cfg.seed, d_min_a=cfg.d_min, d_max_a=cfg.d_max,
+        shoebox_size=cfg.shoebox_size, fluence=cfg.fluence,
+        channel_min_ev=sp.min_ev, channel_max_ev=sp.max_ev, channel_step_ev=sp.step_ev,
+        centre_min_ev=sp.centre_min_ev, centre_max_ev=sp.centre_max_ev,
+        envelope_fwhm_ev=sp.envelope_fwhm_ev, n_spikes=sp.n_spikes,
+        spike_fwhm_ev=sp.spike_fwhm_ev, min_relative_weight=sp.min_relative_weight,
+        G_median=cr.G_median, G_log_sigma=cr.G_log_sigma,
+        mosaic_spread_deg=cr.mosaic_spread_deg, domain_size_cells=tuple(cr.domain_size_cells),
+        n_domains=cr.n_domains,
+        polarization_normal=tuple(bm.polarization_normal),
+        polarization_fraction=bm.polarization_fraction,
+        background_photons=cfg.background.photons, background_log_sigma=cfg.background.log_sigma,
+        n_sigma=cfg.n_sigma, min_spot_photons=cfg.min_spot_photons, poisson_noise=cfg.noise,
+        chunk_lattices=cfg.chunk_lattices,
+    ).check()
+
+
+def read_truth(specs):
+    """Read the ``truth`` parameter: SITE=TABLE words → {site: SpectrumTable}.
+
+    A refinement result or ``refine_fdp`` CSV given as TABLE provides the curve of
+    the site of the same name (or its only site); other tables hold one curve.
+
+    Parameters
+    ----------
+    specs : list of str
+        ``SITE=TABLE`` entries.
+
+    Returns
+    -------
+    dict
+    """
+    from ..scattering import detect_format, read_table
+    out = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not name or not path:
+            raise InputError(f"parameter truth: {spec!r} is not SITE=TABLE "
+                             f"(e.g. FE1=pf-rd-ox_fftkk.out)")
+        if name in out:
+            raise InputError(f"parameter truth: site {name} given twice")
+        if not Path(path).exists():
+            raise InputError(f"{path}: no such file (truth curve of {name})")
+        if detect_format(path) in ("csv", "result"):
+            # a refinement result/CSV: take the curve of the site of the same name if it has one
+            try:
+                out[name] = read_table(path, site=name)
+                continue
+            except InputError:
+                pass
+        out[name] = read_table(path)
+    return out
+
+
+def detector_from_config(cfg):
+    """The simulated detector from the ``detector.*`` parameters.
+
+    Parameters
+    ----------
+    cfg : spread_tools.config.Config
+        Resolved parameters.
+
+    Returns
+    -------
+    spread_tools.geometry.Detector
+    """
+    from ..simulate import make_detector
+    d = cfg.detector
+    if len(d.offset_mm) != 2:
+        raise InputError("parameter detector.offset_mm: needs two numbers (fast, slow) in mm")
+    if not d.distance_mm > 0 or not d.pixel_size_mm > 0:
+        raise InputError("parameter detector.distance_mm/pixel_size_mm: must be positive (mm)")
+    for key in ("n_fast", "n_slow"):
+        v = getattr(d, key)
+        if v is not None and v < 1:
+            raise InputError(f"parameter detector.{key}: must be at least 1 pixel, got {v}")
+    return make_detector(d.distance_mm, d.pixel_size_mm, d.n_fast, d.n_slow, tuple(d.offset_mm),
+                         gap_mm=d.gap_mm)
+
+
+@app.command(**command_settings(SCHEMA))
+def run(words: Words = None, output: Output = None, config: ConfigFile = None,
+        show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False,
+        lattices: Annotated[Optional[int], typer.Option(
+            "--lattices", help="Number of lattices (same as lattices=N).")] = None,
+        seed: Annotated[Optional[int], typer.Option(
+            "--seed", help="Random seed (same as seed=N).")] = None):
+    """Simulate a SPREAD still-shot dataset with ground truth."""
+    with user_errors(SCRIPT):
+        from ..h5io import check_writable
+        from ..simulate import simulate_dataset
+        from ..structure import SFCache
+        words = list(words or [])
+        if lattices is not None:
+            words.append(f"lattices={lattices}")
+        if seed is not None:
+            words.append(f"seed={seed}")
+        files, cfg = parse_words(SCHEMA, words, config, show_config)
+        (cache_path,) = require_files(files, ["SF cache (.h5 from cache_sf)"], SCRIPT)
+        if output is None:
+            raise InputError("command line: give the output dataset file with -o FILE.h5")
+        if not cfg.truth:
+            raise InputError("parameter truth: give a curve for every site, e.g. "
+                             "truth=FE1=ox.out,FE2=red.out")
+        settings = settings_from_config(cfg)
+        check_writable(output, overwrite)
+        cache = SFCache.read(cache_path)
+        truth = read_truth(cfg.truth)
+        detector = detector_from_config(cfg)
+
+        summary = simulate_dataset(cache, truth, detector, settings, output, overwrite=overwrite,
+                                   quiet=quiet, config_json=cfg.to_json(),
+                                   weights_backend=cfg.backend)
+
+        def log(msg):
+            typer.echo(f"{SCRIPT}: {msg}")
+        log(f"SF cache {cache_path}: cell {' '.join(f'{x:g}' for x in cache.cell)}, "
+            f"{cache.spacegroup}, sites {', '.join(cache.site_names)}, {cache.n_h} reflections")
+        for line in summary.lines():
+            log(line)
+        log(f"wrote {output} ({summary.n_shoeboxes} shoeboxes, {summary.n_pixels} pixels)")
+
+
+def main():
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
