@@ -20,7 +20,6 @@ Run: ``python benchmarks/bench_cache_sf.py [--copies 12] [--d-min 2.5]``.
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -31,15 +30,10 @@ import numba
 import numpy as np
 
 import spread_tools
+from _common import machine
 from spread_tools.structure import build_sf_cache, intensity_and_gradients
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine():
-    """Machine description without host names."""
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "numba_threads": numba.get_num_threads(), "system": platform.system()}
 
 
 def versions():

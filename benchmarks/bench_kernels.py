@@ -23,56 +23,17 @@ Usage::
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 
 import numpy as np
+from _common import machine
 
 LY99 = {"n_pix": 23_121_402, "n_sb": 66_069, "n_lat": 3044, "n_chan": 26}
 
 
-def machine(backend):
-    """Machine description without host names."""
-    info = {"python": platform.python_version(), "platform": platform.platform(terse=True),
-            "cpu_count": os.cpu_count(), "backend": backend}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import numba
-    info["numpy"] = np.__version__
-    info["numba"] = numba.__version__
-    info["numba_threads"] = numba.get_num_threads()
-    try:
-        import spread_tools
-        info["spread_tools"] = spread_tools.__version__
-    except Exception:
-        pass
-    if backend == "cuda":
-        from numba import cuda
-        dev = cuda.get_current_device()
-        name = getattr(dev, "name", "CUDA simulator")
-        info["gpu"] = name.decode() if isinstance(name, bytes) else str(name)
-        info["compute_capability"] = list(getattr(dev, "compute_capability", ()))
-        info["numba_cuda"] = getattr(sys.modules.get("numba_cuda"), "__version__", None) or _numba_cuda_version()
-    return info
-
-
-def _numba_cuda_version():
-    try:
-        from importlib.metadata import version
-        return version("numba-cuda")
-    except Exception:
-        return None
-
-
 def emit(figure, info, **values):
+    """Print one JSON line: the figure, its values and the machine."""
     print(json.dumps({"figure": figure, **values, "machine": info}), flush=True)
 
 

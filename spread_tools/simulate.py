@@ -40,6 +40,11 @@ output file as they are made, so memory stays bounded by one chunk's channel
 weights (pixels × channels × 4 bytes). Random numbers come from
 ``numpy.random.Generator`` streams derived from the seed per purpose and per
 lattice, so the result does not depend on the chunk size.
+
+This module runs the simulation and streams it to HDF5; the pieces are in
+:mod:`spread_tools.spectra` (SASE spectra), :mod:`spread_tools.predict`
+(orientations, prediction, shoeboxes) and :mod:`spread_tools.sim_background`
+(background), all re-exported here.
 """
 
 from __future__ import annotations
@@ -50,22 +55,21 @@ import math
 import time
 
 import numpy as np
-from scipy.special import ndtr
 
+from . import geometry
 from .errors import InputError
+from .geometry import HC_EV_A
+from .geometry import detector_arrays as _detector_arrays
+from .predict import b_matrix, cut_shoeboxes, predict_reflections, random_rotations
+from .sim_background import _background_level  # noqa: F401  (kept importable from here)
+from .sim_background import background_counts, background_planes
+from .spectra import channel_grid, sase_spectra
 
 __all__ = ["SimulationSettings", "SimulationSummary", "b_matrix", "random_rotations",
            "sase_spectra", "channel_grid", "truth_at_channels", "predict_reflections",
            "cut_shoeboxes", "background_planes", "background_counts", "simulate_dataset",
            "make_detector", "HC_EV_A"]
 
-#: h·c in eV·Å: λ[Å] = HC_EV_A / E[eV].
-HC_EV_A = 12398.4198
-_FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-# background shape: flat part + water ring (s = 1/d in Å⁻¹)
-_RING_S = 1.0 / 3.7
-_RING_WIDTH_S = 0.035
-_RING_HEIGHT = 1.5
 _CORE_PX = 5
 
 
@@ -247,138 +251,6 @@ class SimulationSummary:
         ]
 
 
-# --------------------------------------------------------------------------- crystal
-
-def b_matrix(cell):
-    """Reciprocal-space B matrix of a cell (DIALS/cctbx convention).
-
-    Parameters
-    ----------
-    cell : sequence of 6 float
-        a, b, c (Å), α, β, γ (°).
-
-    Returns
-    -------
-    numpy.ndarray
-        (3, 3) B = Mᵀ with M gemmi's fractionalisation matrix, so that the
-        Cartesian reciprocal vector of h is B·h (Å⁻¹) and |B·h| = 1/d.
-    """
-    import gemmi
-    try:
-        uc = gemmi.UnitCell(*[float(x) for x in cell])
-    except (RuntimeError, ValueError, TypeError):
-        raise InputError(f"cell: {list(cell)} is not a unit cell") from None
-    return np.array(uc.frac.mat.tolist(), dtype=np.float64).T
-
-
-def random_rotations(rng, n):
-    """Rotation matrices uniform over SO(3) (normalised Gaussian quaternions).
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        Random stream.
-    n : int
-        Number of rotations.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n, 3, 3) proper rotations.
-    """
-    q = rng.standard_normal((n, 4))
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=1)
-
-
-# --------------------------------------------------------------------------- spectra
-
-def channel_grid(min_ev, max_ev, step_ev):
-    """Channel energies min, min+step, ... up to max (included within 1e-9 steps).
-
-    Parameters
-    ----------
-    min_ev, max_ev, step_ev : float
-        Window and step (eV).
-
-    Returns
-    -------
-    numpy.ndarray
-        (n_chan,) energies in eV.
-    """
-    n = int(math.floor((max_ev - min_ev) / step_ev + 1e-9)) + 1
-    return min_ev + step_ev * np.arange(n)
-
-
-def sase_spectra(rng, n_lattices, energy_ev, fluence, centre_min_ev, centre_max_ev,
-                 envelope_fwhm_ev, n_spikes, spike_fwhm_ev, min_relative_weight=1e-4):
-    """Spiky SASE-like spectra on a common channel grid.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-        Random stream.
-    n_lattices : int
-        Number of shots.
-    energy_ev : numpy.ndarray
-        (n_chan,) increasing channel energies (eV); channel c collects the photons
-        between the midpoints to its neighbours (half a step beyond the ends).
-    fluence : float
-        Photons per Å² per shot in the channel window (each row sums to this).
-    centre_min_ev, centre_max_ev : float
-        Envelope centres are uniform in this range (eV).
-    envelope_fwhm_ev : float
-        Gaussian envelope FWHM (eV).
-    n_spikes : int
-        Spikes per shot, heights exponential with mean 1.
-    spike_fwhm_ev : float
-        Gaussian spike FWHM (eV).
-    min_relative_weight : float
-        Channels below this fraction of the row's maximum are set to exactly 0.
-
-    Returns
-    -------
-    weight : numpy.ndarray
-        (n_lattices, n_chan) photons/Å² per channel.
-    centre_ev : numpy.ndarray
-        (n_lattices,) envelope centres (eV).
-
-    Raises
-    ------
-    InputError
-        A shot puts no photon into the channel window (fluence 0 or envelope outside).
-    """
-    e = np.asarray(energy_ev, dtype=np.float64)
-    if len(e) > 1:
-        mid = 0.5 * (e[1:] + e[:-1])
-        edges = np.concatenate([[e[0] - (mid[0] - e[0])], mid, [e[-1] + (e[-1] - mid[-1])]])
-    else:
-        edges = np.array([e[0] - 0.5, e[0] + 0.5])
-    centre = rng.uniform(centre_min_ev, centre_max_ev, n_lattices)
-    pos = centre[:, None] + envelope_fwhm_ev * _FWHM_TO_SIGMA * rng.standard_normal((n_lattices, n_spikes))
-    height = rng.exponential(1.0, (n_lattices, n_spikes))
-    sig = spike_fwhm_ev * _FWHM_TO_SIGMA
-    weight = np.zeros((n_lattices, len(e)))
-    for k in range(n_spikes):
-        cdf = ndtr((edges[None, :] - pos[:, k, None]) / sig)
-        weight += height[:, k, None] * np.diff(cdf, axis=1)
-    peak = weight.max(axis=1, keepdims=True)
-    weight[weight < min_relative_weight * peak] = 0.0
-    total = weight.sum(axis=1)
-    if not fluence > 0 or np.any(total <= 0):
-        bad = int(np.argmax(total <= 0)) if np.any(total <= 0) else 0
-        raise InputError(f"spectrum: zero photons in the channel window "
-                         f"{e[0]:g}-{e[-1]:g} eV for lattice {bad} (fluence={fluence:g} "
-                         f"photons/Å², envelope centre {centre[bad]:.1f} eV)")
-    weight *= fluence / total[:, None]
-    return weight, centre
-
-
 # --------------------------------------------------------------------------- truth
 
 def truth_at_channels(cache_site_names, truth_tables, energy_ev, cache_source="SF cache"):
@@ -429,229 +301,12 @@ def truth_at_channels(cache_site_names, truth_tables, energy_ev, cache_source="S
     return fp, fdp
 
 
-# --------------------------------------------------------------------------- prediction
-
-def _reflection_sigma(A, s1_hat, q_len, domain_size_cells, mosaic_spread_deg):
-    """Width (Å⁻¹) of each reflection along the Ewald-sphere normal s1_hat.
-
-    The domain-size transform exp(−2 Σ N_k² Δh_k² / 0.63) is a Gaussian with
-    σ_h,k² = 0.63 / (4 N_k²) in h; in q = A·h its variance along n̂ is
-    Σ_k (n̂·A[:, k])² σ_h,k². Mosaic spread adds |q| × spread (radians).
-    """
-    var_h = 0.63 / (4.0 * np.asarray(domain_size_cells, dtype=np.float64) ** 2)
-    proj = s1_hat @ A          # (n, 3): n̂·A[:, k]
-    var = (proj ** 2) @ var_h
-    var += (q_len * math.radians(mosaic_spread_deg)) ** 2
-    return np.sqrt(var)
-
-
-def predict_reflections(A, hkl, beam_direction, energy_ev, weight, domain_size_cells,
-                        mosaic_spread_deg, n_sigma=3.0):
-    """Reflections in diffraction condition for some channel carrying photons.
-
-    Parameters
-    ----------
-    A : numpy.ndarray
-        (3, 3) orientation matrix, q = A·h (Å⁻¹).
-    hkl : numpy.ndarray
-        (n_h, 3) candidate Miller indices (already cut to the annulus).
-    beam_direction : numpy.ndarray
-        (3,) unit vector from the sample towards the source.
-    energy_ev, weight : numpy.ndarray
-        (n_chan,) channel energies (eV) and this shot's photons per channel.
-    domain_size_cells : sequence of 3 float
-        N_a, N_b, N_c.
-    mosaic_spread_deg : float
-        Mosaic spread (°).
-    n_sigma : float
-        Accept |excitation error| ≤ n_sigma × width for some channel.
-
-    Returns
-    -------
-    index : numpy.ndarray
-        (n_pred,) rows of ``hkl`` in diffraction condition.
-    s1 : numpy.ndarray
-        (n_pred, 3) unit diffracted directions, mean over channels weighted by
-        photons × exp(−ε²/2σ²) (the expected spot centre).
-    """
-    d_hat = np.asarray(beam_direction, dtype=np.float64)
-    d_hat = d_hat / np.linalg.norm(d_hat)
-    active = np.flatnonzero(weight > 0)
-    if len(active) == 0 or len(hkl) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-    k_c = energy_ev[active] / HC_EV_A                   # 1/λ, Å⁻¹
-    phi = weight[active]
-    q = np.asarray(hkl, dtype=np.float64) @ A.T
-    q2 = np.einsum("ij,ij->i", q, q)
-    qd = q @ d_hat
-    # coarse filter: the wavelength that puts h exactly on the sphere, k_h = q²/(2 q·d̂),
-    # must lie within the channels ± a generous margin (|dε/dk| = q²/(2k²) at Bragg)
-    ok = qd > 0
-    k_h = np.where(ok, q2 / (2.0 * np.where(ok, qd, 1.0)), np.inf)
-    # upper bound of the width along any normal: max σ_h² × (largest singular value of A)²
-    var_dom = 0.63 / (4.0 * min(domain_size_cells) ** 2) * np.linalg.norm(A, 2) ** 2
-    sig_max = np.sqrt(var_dom + q2 * math.radians(mosaic_spread_deg) ** 2)
-    k_hi = k_c.max()
-    margin = 4.0 * n_sigma * sig_max * 2.0 * k_hi ** 2 / np.maximum(q2, 1e-12)
-    keep = np.flatnonzero(ok & (k_h >= k_c.min() - margin) & (k_h <= k_hi + margin))
-    if len(keep) == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, 3))
-    qk = q[keep]
-    s1 = qk[:, None, :] - k_c[None, :, None] * d_hat           # (n, c, 3)
-    s1_len = np.linalg.norm(s1, axis=2)
-    eps = s1_len - k_c[None, :]
-    best = np.argmin(np.abs(eps), axis=1)
-    n_hat = s1[np.arange(len(keep)), best] / s1_len[np.arange(len(keep)), best, None]
-    sig = _reflection_sigma(A, n_hat, np.sqrt(q2[keep]), domain_size_cells, mosaic_spread_deg)
-    z = eps / sig[:, None]
-    inside = np.any(np.abs(z) <= n_sigma, axis=1)
-    u = phi[None, :] * np.exp(-0.5 * np.minimum(z * z, 700.0))
-    u = u[inside]
-    s1_hat = s1[inside] / s1_len[inside][:, :, None]
-    mean = np.einsum("nc,nci->ni", u, s1_hat) / u.sum(axis=1, keepdims=True)
-    mean /= np.linalg.norm(mean, axis=1, keepdims=True)
-    return keep[inside], mean
-
-
-def cut_shoeboxes(panel, x_px, y_px, image_size, shoebox_size):
-    """Square shoeboxes around predicted spots; which fall off the detector or on an edge.
-
-    Parameters
-    ----------
-    panel : numpy.ndarray
-        (n,) panel hit by each ray, −1 for none.
-    x_px, y_px : numpy.ndarray
-        (n,) predicted spot position in fast/slow pixels (pixel i spans [i, i+1)).
-    image_size : numpy.ndarray
-        (n_panel, 2) (n_fast, n_slow).
-    shoebox_size : int
-        Box edge in pixels; the spot lies in the centre pixel (odd sizes) or
-        within half a pixel of the centre (even sizes).
-
-    Returns
-    -------
-    bbox : numpy.ndarray
-        (n, 4) int32 x0, x1, y0, y1 (half-open).
-    status : numpy.ndarray
-        (n,) int8: 0 kept, 1 off the detector, 2 crossing a panel edge.
-    """
-    n = len(panel)
-    status = np.zeros(n, dtype=np.int8)
-    off = (panel < 0) | ~np.isfinite(x_px) | ~np.isfinite(y_px)
-    status[off] = 1
-    xs = np.where(off, 0.0, x_px)
-    ys = np.where(off, 0.0, y_px)
-    x0 = np.floor(xs + 0.5 - shoebox_size / 2.0).astype(np.int64)
-    y0 = np.floor(ys + 0.5 - shoebox_size / 2.0).astype(np.int64)
-    x1, y1 = x0 + shoebox_size, y0 + shoebox_size
-    img = np.asarray(image_size)[np.where(off, 0, panel)]
-    edge = ~off & ((x0 < 0) | (y0 < 0) | (x1 > img[:, 0]) | (y1 > img[:, 1]))
-    status[edge] = 2
-    bbox = np.stack([x0, x1, y0, y1], axis=1).astype(np.int32)
-    return bbox, status
-
-
-# --------------------------------------------------------------------------- background
-
-def _pixel_lab_mm(det, panel, x, y):
-    """Lab position (mm) of fast/slow pixel coordinates (x, y) on panels."""
-    o = det["origin_mm"][panel]
-    f = det["fast_axis"][panel]
-    s = det["slow_axis"][panel]
-    ps = det["pixel_size_mm"][panel]
-    return o + f * (x * ps[:, 0])[:, None] + s * (y * ps[:, 1])[:, None]
-
-
-def _background_level(det, panel, x, y, beam_direction, k_mean):
-    """Radial background shape (relative) at pixel coordinates (x, y)."""
-    r = _pixel_lab_mm(det, panel, x, y)
-    s1 = r / np.linalg.norm(r, axis=1, keepdims=True) * k_mean
-    s = np.linalg.norm(s1 + k_mean * beam_direction, axis=1)   # |s1 − s0|, Å⁻¹
-    return 1.0 + _RING_HEIGHT * np.exp(-0.5 * ((s - _RING_S) / _RING_WIDTH_S) ** 2)
-
-
-def background_planes(det, panel, bbox, beam_direction, k_mean, level):
-    """Log-linear background (b0, b1, b2) of each shoebox.
-
-    The smooth radial background B(x, y) (flat + water ring, times ``level``)
-    is expanded to first order in log space about the shoebox centre:
-    b0 = ln B(centre), b1, b2 = central differences of ln B over ±1 pixel in
-    fast and slow. The background of pixel p is then exp(b0 + b1 x̂ + b2 ŷ)
-    with x̂, ŷ the pixel-centre offsets from the box centre (``docs/formats.md``).
-
-    Parameters
-    ----------
-    det : dict
-        Detector arrays (``origin_mm``, ``fast_axis``, ``slow_axis``, ``pixel_size_mm``).
-    panel : numpy.ndarray
-        (n,) panel of each shoebox.
-    bbox : numpy.ndarray
-        (n, 4) x0, x1, y0, y1.
-    beam_direction : numpy.ndarray
-        (3,) unit vector towards the source.
-    k_mean : float
-        1/λ (Å⁻¹) used to turn pixel positions into resolution.
-    level : numpy.ndarray
-        (n,) photons/pixel of the flat part for each shoebox.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n, 3) b0, b1, b2.
-    """
-    xc = 0.5 * (bbox[:, 0] + bbox[:, 1]).astype(np.float64)
-    yc = 0.5 * (bbox[:, 2] + bbox[:, 3]).astype(np.float64)
-
-    def lnB(dx, dy):
-        return np.log(level * _background_level(det, panel, xc + dx, yc + dy, beam_direction,
-                                                 k_mean))
-    b0 = lnB(0.0, 0.0)
-    b1 = 0.5 * (lnB(1.0, 0.0) - lnB(-1.0, 0.0))
-    b2 = 0.5 * (lnB(0.0, 1.0) - lnB(0.0, -1.0))
-    return np.stack([b0, b1, b2], axis=1)
-
-
-def background_counts(bbox, planes):
-    """Background photons of every pixel of the shoeboxes (row-major, slow outer).
-
-    Parameters
-    ----------
-    bbox : numpy.ndarray
-        (n, 4) x0, x1, y0, y1.
-    planes : numpy.ndarray
-        (n, 3) b0, b1, b2.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n_pix,) float64.
-    """
-    out = []
-    for (x0, x1, y0, y1), (b0, b1, b2) in zip(bbox, planes):
-        yy, xx = np.mgrid[y0:y1, x0:x1]
-        xh = xx + 0.5 - 0.5 * (x0 + x1)
-        yh = yy + 0.5 - 0.5 * (y0 + y1)
-        out.append(np.exp(b0 + b1 * xh + b2 * yh).ravel())
-    return np.concatenate(out) if out else np.zeros(0)
-
-
 # --------------------------------------------------------------------------- driver
-
-def _geometry():
-    from . import geometry
-    return geometry
-
 
 def _project(detector, s1):
     """(panel, x_px, y_px) of unit rays s1 via geometry.ray_to_pixel."""
-    geometry = _geometry()
     panel, x, y = geometry.ray_to_pixel(detector, s1)
     return np.asarray(panel, dtype=np.int64), np.asarray(x, float), np.asarray(y, float)
-
-
-def _detector_arrays(detector):
-    geometry = _geometry()
-    return geometry.detector_arrays(detector)
 
 
 class _Writer:
@@ -958,25 +613,19 @@ def make_detector(distance_mm=100.0, pixel_size_mm=0.1, n_fast=None, n_slow=None
                   offset_mm=(0.0, 0.0), gap_mm=2.0):
     """Detector for a simulation, normal to a beam along −z.
 
+    :func:`spread_tools.geometry.default_detector` with ``simulate_data``'s
+    defaults (100 mm): the 16-module ePix10k-2M-like detector, or one flat
+    panel when ``n_fast``/``n_slow`` are given.
+
     Parameters
     ----------
-    distance_mm : float
-        Sample-to-detector distance.
-    pixel_size_mm : float
-        Square pixel size.
-    n_fast, n_slow : int, optional
-        Size of a single flat panel; ``None`` gives the 16-module ePix10k-2M-like
-        detector of :func:`spread_tools.geometry.default_detector`.
-    offset_mm : (float, float)
-        Lateral shift (x, y) in the lab frame.
-    gap_mm : float
-        Gap between modules (16-module detector).
+    distance_mm, pixel_size_mm, n_fast, n_slow, offset_mm, gap_mm
+        As for :func:`spread_tools.geometry.default_detector`.
 
     Returns
     -------
     spread_tools.geometry.Detector
     """
-    geometry = _geometry()
     return geometry.default_detector(distance_mm=distance_mm, pixel_size_mm=pixel_size_mm,
                                      n_fast=n_fast, n_slow=n_slow, offset_mm=tuple(offset_mm),
                                      gap_mm=gap_mm)

@@ -13,6 +13,7 @@ import typer
 
 from ..config import P
 from ..errors import InputError
+from ..spectra import channel_grid
 from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
                      make_app, parse_words, require_files, user_errors)
 
@@ -78,8 +79,7 @@ def energy_grid(cfg):
         if not hi >= lo:
             raise InputError(f"parameter energy.max_ev: {hi} eV is below energy.min_ev ({lo} eV); "
                              f"the energy grid must increase")
-        n = int(np.floor((hi - lo) / step + 1e-9)) + 1
-        e = lo + step * np.arange(n)
+        e = channel_grid(lo, hi, step)
     if np.any(e <= 0) or not np.all(np.isfinite(e)):
         raise InputError("parameter energy: energies must be positive")
     return e
