@@ -126,6 +126,30 @@ def atomic_output(path, overwrite=False, suffix=""):
         yield tmp
 
 
+def check_readable(path):
+    """Check that an input file exists and is a file.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    InputError
+        ``"<path>: no such file"`` or ``"<path>: is a folder, not a file"``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a file")
+    return path
+
+
 def open_checked(path, fmt, max_version=1):
     """Open a spread_tools HDF5 file for reading and check what it is.
 
@@ -148,11 +172,7 @@ def open_checked(path, fmt, max_version=1):
     InputError
         Missing, not HDF5, truncated, of another format or of a newer version.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
+    path = check_readable(path)
     try:
         h5 = h5py.File(path, "r")
     except OSError as exc:

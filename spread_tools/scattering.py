@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .h5io import check_readable
 
 __all__ = ["SpectrumTable", "read_table", "read_three_column", "read_henke_nff",
            "read_csv_table", "read_result_site", "reference_fp_fdp", "reference_table",
@@ -176,11 +177,7 @@ def _check_curve(source, energy_ev, fp, fdp):
 # --------------------------------------------------------------------------- readers
 
 def _read_text(path):
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
+    path = check_readable(path)
     try:
         return path.read_text(encoding="utf-8", errors="strict")
     except UnicodeDecodeError:
@@ -404,11 +401,7 @@ def detect_format(path):
     str
         One of ``"three-column"``, ``"henke"``, ``"csv"``, ``"result"``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
+    path = check_readable(path)
     with open(path, "rb") as fh:
         head = fh.read(4096)
     if head.startswith(_HDF5_MAGIC):

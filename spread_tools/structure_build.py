@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .h5io import check_readable
 from .miller import frac_matrix, inv_d2 as inv_d2_of, miller_indices
 from .sf_cache import SFCache
 from .sf_routes import direct_sums, f0_it92, fft_structure, solvent_mask_f
@@ -140,11 +141,7 @@ def read_model(path):
         Missing/unreadable file, no atoms, no unit cell or unknown space group.
     """
     import gemmi
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not a file")
+    path = check_readable(path)
     try:
         st = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError, OSError) as exc:
