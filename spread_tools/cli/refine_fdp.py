@@ -1,0 +1,139 @@
+"""``refine_fdp``: dataset(s) + SF cache → per-site f′(E), f″(E) with uncertainties (S1).
+
+Examples::
+
+    refine_fdp dataset.h5 --sf-cache sf_cache.h5 -o result.h5
+    refine_fdp shift2.h5 shift3.h5 --sf-cache sf_cache.h5 -o result_kk.h5 \\
+        restraints.fdp.mean=None restraints.kramers_kronig.use=True
+    mpiexec -n 4 refine_fdp dataset.h5 --sf-cache sf_cache.h5 -o result.h5 --resume
+
+Writes ``result.h5`` (``format = "spread_tools.result"``) and ``result.csv``;
+a checkpoint ``result.ckpt.h5`` after every macrocycle (removed after a
+converged run unless ``checkpoint.keep=True``); ``--resume`` continues from it.
+"""
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import InputError
+from ..refine import REFINE_SCHEMA
+from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
+                     make_app, parse_words, require_files, user_errors)
+
+SCRIPT = "refine_fdp"
+SCHEMA = REFINE_SCHEMA
+
+SfCache = Annotated[Optional[Path], typer.Option(
+    "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
+                             "as the dataset(s).")]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue from the checkpoint (<output>.ckpt.h5 or checkpoint.path) when "
+                     "it exists; it must come from the same inputs and parameters.")]
+
+app = make_app(SCRIPT, "Refine per-site anomalous scattering factors f'(E), f''(E) (e-) on an "
+                       "energy grid (eV) from SPREAD still-shot datasets (the S1 step): Poisson "
+                       "likelihood of every unmasked pixel, per-lattice scales and per-shoebox "
+                       "backgrounds, Sauter and/or Kramers-Kronig restraints. Runs under mpiexec "
+                       "(lattices split over ranks). Output: result .h5 (-o) and .csv.")
+
+
+@app.command(**command_settings(SCHEMA))
+def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
+        config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False,
+        resume: Resume = False, quiet: Quiet = False):
+    """Refine per-site f'(E), f''(E) (e-) on an energy grid (eV) from SPREAD datasets (S1).
+
+    Poisson likelihood of every unmasked pixel with per-lattice scales and per-shoebox
+    backgrounds, Sauter and/or Kramers-Kronig restraints; standard uncertainties from the
+    Fisher information. Runs under mpiexec/srun (lattices split over ranks). Writes
+    -o result.h5 and result.csv; a checkpoint after every macrocycle (--resume).
+    """
+    from ..refine import get_comm
+    comm = get_comm()
+    root = comm.rank == 0
+    if not root:
+        try:
+            _run(comm, words, sf_cache, output, config, False, overwrite, resume, True)
+        except InputError:
+            raise typer.Exit(2) from None          # rank 0 reports the same error once
+        except BaseException:
+            comm.comm.Abort(1)                      # never leave rank 0 waiting in a collective
+            raise
+        return
+    _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, quiet)
+
+
+def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, quiet):
+    root = comm.rank == 0
+    with (user_errors(SCRIPT) if root else _plain()):
+        from ..dataset import Dataset
+        from ..h5io import check_writable
+        from ..refine import log_to_stderr, refine, select_device_for_rank, write_result
+        from ..structure import SFCache
+        files, cfg = parse_words(SCHEMA, words, config, show_config)
+        paths = require_files(files, ["dataset (.h5) ..."], SCRIPT)
+        if sf_cache is None:
+            raise InputError("command line: give the structure-factor cache with --sf-cache FILE.h5")
+        if output is None:
+            raise InputError("command line: give the output result file with -o FILE.h5")
+        output = Path(output)
+        ckpt = Path(cfg.checkpoint.path) if cfg.checkpoint.path else \
+            output.with_name(output.stem + ".ckpt.h5")
+        # every rank checks (the same files), so that no rank enters refine() alone
+        if ckpt.exists() and not resume and not overwrite:
+            raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
+                             f"start afresh with --overwrite")
+        # --resume may replace the (not converged) result of the interrupted run
+        check_writable(output, overwrite or resume)
+        check_writable(output.with_suffix(".csv"), overwrite or resume)
+        if cfg.backend != "cpu":
+            select_device_for_rank(comm)
+        t0 = time.perf_counter()
+        cache = SFCache.read(sf_cache)
+        datasets = [Dataset.read(p) for p in paths]
+        log = (lambda s: None) if quiet else log_to_stderr
+        if root and not quiet:
+            log_to_stderr(f"{SCRIPT}: {len(paths)} dataset(s), SF cache {sf_cache}, output {output}")
+        result = refine(datasets, cache, cfg, comm=comm, checkpoint=ckpt, resume=resume,
+                        log=(lambda s: log(f"{SCRIPT}: {s}")), quiet=quiet,
+                        dataset_names=[str(p) for p in paths], cache_name=str(sf_cache))
+        if root:
+            csv = write_result(output, result, overwrite=overwrite or resume)
+            for i, name in enumerate(result.site_names):
+                typer.echo(f"{SCRIPT}: {name}: edge {result.edge_ev[i]:.2f} ± "
+                           f"{result.edge_sigma_ev[i]:.2f} eV (f'' half step); median sigma "
+                           f"f' {_median(result.fp_sigma[i]):.3f} e-, f'' {_median(result.fdp_sigma[i]):.3f} e-")
+            typer.echo(f"{SCRIPT}: {result.message}; {len(result.history['objective'])} iterations, "
+                       f"{result.n_evaluations} evaluations on {result.n_ranks} rank(s), "
+                       f"{time.perf_counter() - t0:.1f} s")
+            typer.echo(f"{SCRIPT}: wrote {output} and {csv}")
+            if result.converged and not cfg.checkpoint.keep and ckpt.exists():
+                ckpt.unlink()
+            if not result.converged:
+                typer.echo(f"{SCRIPT}: warning: not converged; checkpoint kept in {ckpt} "
+                           f"(continue with --resume)", err=True)
+
+
+@contextlib.contextmanager
+def _plain():
+    yield
+
+
+def _median(a):
+    import numpy as np
+    a = np.asarray(a, float)
+    a = a[np.isfinite(a)]
+    return float(np.median(a)) if a.size else float("nan")
+
+
+def main():
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""plots.py and the plot_curves script: figures from results, truth, tables; one-line errors."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from spread_tools import refine as R
+from spread_tools.cli.plot_curves import app
+from spread_tools.config import resolve
+from spread_tools.dataset import Dataset
+from spread_tools.errors import InputError
+from spread_tools.plots import Curve, curves_from_result, plot_curves, read_truth
+from spread_tools.structure import SFCache
+
+TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def result_files(tmp_path_factory):
+    """A tiny refinement (and its dataset file) with Sauter and with KK restraints."""
+    d = tmp_path_factory.mktemp("plots")
+    ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0, 1])
+    keep = np.zeros(ds.n_shoeboxes, bool)
+    keep[::3] = True
+    ds = R._subset_shoeboxes(ds, keep)
+    ds.write(d / "tiny.h5")
+    cache = SFCache.read(TEST_DATA / "sf_cache.h5")
+    out = []
+    for name, words in (("sauter", []), ("kk", ["restraints.fdp.mean=None",
+                                                 "restraints.kramers_kronig.use=True"])):
+        res = R.refine([ds], cache, resolve(R.REFINE_SCHEMA, overrides=words), backend="cpu")
+        R.write_result(d / f"{name}.h5", res)
+        out.append(d / f"{name}.h5")
+    return d / "tiny.h5", out
+
+
+def _is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_curves_library(result_files):
+    data, (sauter, kk) = result_files
+    res = [curves_from_result(sauter, "Sauter"), curves_from_result(kk, "KK")]
+    truth = read_truth(data)
+    fig = plot_curves(res, truth=truth)
+    assert len(fig.axes) == 8                    # 2 sites x (fp, fdp) x (curve, residual)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels[:3] == ["truth", "Sauter", "KK"]
+    # the residual panel holds result - truth at the grid
+    e = res[0]["FE1"].energy_ev
+    d = ax.get_lines()[1].get_ydata() - np.interp(e, truth["FE1"].energy_ev, truth["FE1"].fp)
+    np.testing.assert_allclose(fig.axes[1].get_lines()[1].get_ydata(), d)
+    fig = plot_curves(res, truth=None)
+    assert len(fig.axes) == 4
+    with pytest.raises(InputError, match="FE5"):
+        plot_curves(res, sites=["FE5"])
+
+
+def test_plot_curves_cli_png_pdf_table_gallery(result_files, tmp_path):
+    data, (sauter, kk) = result_files
+    out = tmp_path / "c.png"
+    r = runner.invoke(app, [str(sauter), str(kk), "--label", "Sauter", "--label", "KK", "--truth",
+                            str(data), "--table", str(TEST_DATA / "spectra" / "Fe.dat"), "-o", str(out),
+                            "also=pdf", "--gallery", str(data), "--sf-cache",
+                            str(TEST_DATA / "sf_cache.h5"), "gallery.n_shoeboxes=3"])
+    assert r.exit_code == 0, r.output
+    assert _is_png(out) and (tmp_path / "c.pdf").read_bytes()[:4] == b"%PDF"
+    assert _is_png(tmp_path / "c_gallery.png")
+    r = runner.invoke(app, [str(sauter), "-o", str(out)])
+    assert r.exit_code == 2 and "exists already" in r.output
+
+
+@pytest.mark.parametrize("case", ["no_output", "format", "not_result", "labels", "gallery"])
+def test_plot_curves_bad_input(case, result_files, tmp_path):
+    data, (sauter, _) = result_files
+    argv = {"no_output": [str(sauter)],
+            "format": [str(sauter), "-o", str(tmp_path / "c.txt")],
+            "not_result": [str(data), "-o", str(tmp_path / "c.png")],
+            "labels": [str(sauter), "--label", "a", "--label", "b", "-o", str(tmp_path / "c.png")],
+            "gallery": [str(sauter), "--gallery", str(data), "-o", str(tmp_path / "c.png")]}[case]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("plot_curves: error:"), r.output
+
+
+def test_curve_band_drawn():
+    c = Curve("x", "S", [1, 2, 3], [0, 1, 0], [1, 2, 1], [0.1] * 3, [0.2] * 3)
+    fig = plot_curves([{"S": c}])
+    assert len(fig.axes[0].collections) == 1       # the ±1σ band
