@@ -276,6 +276,33 @@ class Dataset:
                 for name in ("fp", "fdp", "G", "background"):
                     h5.create_dataset(f"truth/{name}", data=np.asarray(getattr(t, name), np.float64))
 
+    def select_shoeboxes(self, keep):
+        """Sub-dataset with the given shoeboxes; lattices are kept as they are.
+
+        Parameters
+        ----------
+        keep : array of bool (n_sb,) or array of int
+            A mask (order kept) or shoebox indices (in the order given).
+
+        Returns
+        -------
+        Dataset
+        """
+        keep = np.asarray(keep)
+        index = np.flatnonzero(keep) if keep.dtype == bool else keep.astype(np.int64)
+        sizes = np.diff(self.pixel_offset)[index]
+        offset = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        pix = np.arange(offset[-1], dtype=np.int64) + np.repeat(self.pixel_offset[index] - offset[:-1], sizes)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in _SHOEBOXES:
+            fields[name] = getattr(self, name)[index]
+        fields["pixel_offset"] = offset
+        fields["counts"] = self.counts[pix]
+        fields["mask"] = self.mask[pix]
+        if self.truth is not None:
+            fields["truth"] = dataclasses.replace(self.truth, background=self.truth.background[index])
+        return Dataset(**fields)
+
     def select_lattices(self, lattice_index):
         """Sub-dataset with the given lattices (renumbered in the given order).
 
@@ -287,32 +314,22 @@ class Dataset:
         Returns
         -------
         Dataset
+            Shoeboxes grouped in the order of ``lattice_index``, stable within a lattice.
         """
         lattice_index = np.asarray(lattice_index, dtype=np.int64)
         new_of_old = np.full(self.n_lattices, -1, dtype=np.int64)
         new_of_old[lattice_index] = np.arange(len(lattice_index))
         keep_sb = np.flatnonzero(new_of_old[self.sb_lattice] >= 0)
-        # keep shoeboxes grouped in the order of the selected lattices, stable within a lattice
         keep_sb = keep_sb[np.argsort(new_of_old[self.sb_lattice[keep_sb]], kind="stable")]
-        sizes = np.diff(self.pixel_offset)[keep_sb]
-        offset = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        pix = np.concatenate([np.arange(self.pixel_offset[k], self.pixel_offset[k + 1]) for k in keep_sb]) \
-            if len(keep_sb) else np.zeros(0, dtype=np.int64)
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        sub = self.select_shoeboxes(keep_sb)
         for name in _LATTICES:
-            fields[name] = getattr(self, name)[lattice_index]
-        fields["identifier"] = self.identifier[lattice_index]
-        fields["spectrum_weight"] = self.spectrum_weight[lattice_index]
-        for name in _SHOEBOXES:
-            fields[name] = getattr(self, name)[keep_sb]
-        fields["sb_lattice"] = new_of_old[self.sb_lattice[keep_sb]].astype(np.int32)
-        fields["pixel_offset"] = offset
-        fields["counts"] = self.counts[pix]
-        fields["mask"] = self.mask[pix]
+            setattr(sub, name, getattr(self, name)[lattice_index])
+        sub.identifier = self.identifier[lattice_index]
+        sub.spectrum_weight = self.spectrum_weight[lattice_index]
+        sub.sb_lattice = new_of_old[self.sb_lattice[keep_sb]].astype(np.int32)
         if self.truth is not None:
-            fields["truth"] = dataclasses.replace(
-                self.truth, G=self.truth.G[lattice_index], background=self.truth.background[keep_sb])
-        return Dataset(**fields)
+            sub.truth = dataclasses.replace(sub.truth, G=self.truth.G[lattice_index])
+        return sub
 
 
 def concatenate(datasets):

@@ -232,7 +232,7 @@ def plot_gallery(result_path, datasets, cache, n_shoeboxes=6, backend="cpu"):
 
     from .dataset import concatenate
     from .model import PixelModel
-    from .refine import _subset_shoeboxes, interpolation_matrix, read_result
+    from .refine import interpolation_matrix, read_result
     from .scattering import reference_fp_fdp
     from .structure import structure_factors
     res = read_result(result_path)
@@ -247,7 +247,7 @@ def plot_gallery(result_path, datasets, cache, n_shoeboxes=6, backend="cpu"):
     pick = np.sort(np.argsort(-tot, kind="stable")[:int(n_shoeboxes)])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[pick] = True
-    sub = _subset_shoeboxes(ds, keep)
+    sub = ds.select_shoeboxes(keep)
     pm = PixelModel.from_dataset(sub, backend=backend)
     e = sub.energy_ev
     names = list(cache.site_names)

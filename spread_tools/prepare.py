@@ -16,21 +16,6 @@ from .errors import InputError
 __all__ = ["PreparedData", "prepare_data"]
 
 
-def _subset_shoeboxes(ds, keep):
-    """Dataset with only the shoeboxes ``keep`` (bool (n_sb,)), order kept."""
-    pix_keep = np.repeat(keep, np.diff(ds.pixel_offset))
-    sizes = np.diff(ds.pixel_offset)[keep]
-    fields = {f.name: getattr(ds, f.name) for f in dataclasses.fields(ds)}
-    for name in ("sb_lattice", "sb_panel", "sb_bbox", "sb_miller_index"):
-        fields[name] = getattr(ds, name)[keep]
-    fields["pixel_offset"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    fields["counts"] = ds.counts[pix_keep]
-    fields["mask"] = ds.mask[pix_keep]
-    if ds.truth is not None:
-        fields["truth"] = dataclasses.replace(ds.truth, background=ds.truth.background[keep])
-    return type(ds)(**fields)
-
-
 @dataclasses.dataclass
 class PreparedData:
     """The datasets joined, cleaned and checked against the SF cache (same on every rank).
@@ -101,7 +86,7 @@ def prepare_data(datasets, cache, min_pixels=4):
         n_empty = int(np.sum(n_unmasked == 0))
         warnings.append(f"dropped {int(np.sum(~keep))} of {n_sb} shoeboxes with fewer than "
                         f"{int(min_pixels)} unmasked pixels ({n_empty} all masked)")
-        ds = _subset_shoeboxes(ds, keep)
+        ds = ds.select_shoeboxes(keep)
         sb_orig = sb_orig[keep]
     has = np.bincount(ds.sb_lattice, minlength=n_lat) > 0
     lat_used = np.flatnonzero(has)

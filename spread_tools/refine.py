@@ -102,7 +102,7 @@ from .errors import InputError
 from .grid import energy_grid, interpolation_matrix
 from .mpi_comm import Comm, _mpi, _world_comm, rank_blocks, select_device_for_rank  # noqa: F401
 from .objective import S1Problem
-from .prepare import PreparedData, _fmt_cell, _norm_sg, _subset_shoeboxes, prepare_data  # noqa: F401
+from .prepare import PreparedData, _fmt_cell, _norm_sg, prepare_data  # noqa: F401
 from .restraints import RESTRAINT_SCHEMA
 from .uncertainty import (FisherInformationMixin, _invert, _jacobian_kernel,  # noqa: F401
                           _shoebox_moments, edge_position)

@@ -22,7 +22,7 @@ def tiny_file(tmp_path_factory):
     ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0, 1])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[::3] = True
-    ds = R._subset_shoeboxes(ds, keep)
+    ds = ds.select_shoeboxes(keep)
     path = tmp_path_factory.mktemp("data") / "tiny.h5"
     ds.write(path)
     return path

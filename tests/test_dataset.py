@@ -108,3 +108,20 @@ def test_missing_dataset_in_file(tmp_path):
         del h5["pixels/mask"]
     with pytest.raises(InputError, match="missing dataset 'pixels/mask'"):
         Dataset.read(out)
+
+
+def test_select_shoeboxes_by_mask_and_by_index():
+    ds = tiny_dataset(n_lat=4)
+    keep = np.arange(ds.n_shoeboxes) % 3 != 1
+    sub = ds.select_shoeboxes(keep)
+    sub.validate()
+    kept = np.flatnonzero(keep)
+    assert np.array_equal(sub.sb_bbox, ds.sb_bbox[kept])
+    assert np.array_equal(sub.counts, np.concatenate(
+        [ds.counts[ds.pixel_offset[k]:ds.pixel_offset[k + 1]] for k in kept]))
+    assert np.array_equal(sub.truth.background, ds.truth.background[kept])
+    assert sub.n_lattices == ds.n_lattices
+    reordered = ds.select_shoeboxes(kept[::-1])
+    assert np.array_equal(reordered.sb_miller_index, ds.sb_miller_index[kept[::-1]])
+    assert np.array_equal(reordered.mask[:reordered.pixel_offset[1]],
+                          ds.mask[ds.pixel_offset[kept[-1]]:ds.pixel_offset[kept[-1] + 1]])

@@ -25,7 +25,7 @@ def data_file(tmp_path_factory):
     ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0, 1, 2, 3])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[::4] = True
-    ds = R._subset_shoeboxes(ds, keep)
+    ds = ds.select_shoeboxes(keep)
     path = tmp_path_factory.mktemp("mpi") / "four.h5"
     ds.write(path)
     return path

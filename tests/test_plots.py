@@ -25,7 +25,7 @@ def result_files(tmp_path_factory):
     ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0, 1])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[::3] = True
-    ds = R._subset_shoeboxes(ds, keep)
+    ds = ds.select_shoeboxes(keep)
     ds.write(d / "tiny.h5")
     cache = SFCache.read(TEST_DATA / "sf_cache.h5")
     out = []

@@ -34,7 +34,7 @@ def tiny(full):
     ds = full.select_lattices([0, 1])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[::3] = True
-    return R._subset_shoeboxes(ds, keep)
+    return ds.select_shoeboxes(keep)
 
 
 def cfg_of(*words):
@@ -123,7 +123,7 @@ def test_profiled_fisher_matches_brute_force_schur(full, cache):
     ds = full.select_lattices([3])
     keep = np.zeros(ds.n_shoeboxes, bool)
     keep[:12] = True
-    ds = R._subset_shoeboxes(ds, keep)
+    ds = ds.select_shoeboxes(keep)
     p = problem(ds, cache, "restraints.fp.mean=None", "restraints.fdp.mean=None")
     x = start_x(p)
     lam0 = p.predicted(x)
@@ -286,7 +286,7 @@ def test_resume_after_stop_gives_same_answer(run_full, tiny, cache, tmp_path):
         R.refine([tiny], cache, cfg_of(*base, "restraints.fp.sigma=0.05"), checkpoint=ck,
                  resume=True, backend="cpu")
     # ... and one from other data
-    other = R._subset_shoeboxes(tiny, np.arange(tiny.n_shoeboxes) > 0)
+    other = tiny.select_shoeboxes(np.arange(tiny.n_shoeboxes) > 0)
     with pytest.raises(InputError, match="other input data"):
         R.refine([other], cache, cfg_of(*base), checkpoint=ck, resume=True, backend="cpu")
 
