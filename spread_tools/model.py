@@ -502,6 +502,18 @@ class PixelModel:
         """λ of every pixel (masked ones too), float64 (n_pix,); arguments as :meth:`nll_and_gradients`."""
         return self._run(I, G, bg, False, True)[4]
 
+    def bragg_counts(self, I):
+        """Bragg part Σ_c w[p,c] I(h_p, E_c) of every pixel at G = 1, no background, float64 (n_pix,).
+
+        Parameters
+        ----------
+        I : float64 (n_h, n_chan)
+            As in :meth:`nll_and_gradients`.
+        """
+        no_background = np.zeros((self.n_sb, 3))
+        no_background[:, 0] = -1000.0  # exp(-1000) is exactly 0 in float64
+        return self.expected_counts(I, np.ones(self.n_lat), no_background)
+
 
 def _empty_device_w(n_chan):
     from numba import cuda

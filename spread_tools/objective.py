@@ -257,9 +257,7 @@ class S1Problem(FisherInformationMixin):
         b = np.zeros((pm.n_sb, 3))
         b[:, 0] = np.log(np.maximum(mean, 0.05))
         I, _, _ = self._intensities(fp, fdp, grad=False)
-        b_off = np.zeros_like(b)
-        b_off[:, 0] = -1000.0
-        S = pm.expected_counts(I, np.ones(pm.n_lat), b_off)
+        S = pm.bragg_counts(I)
         bgp = np.exp(b[sb, 0])
         lat = pm.sb_lattice[sb]
         excess = np.bincount(lat, weights=np.where(pm.mask, pm.counts - bgp, 0.0), minlength=pm.n_lat)

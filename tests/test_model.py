@@ -115,6 +115,21 @@ def test_precomputed_equals_direct_simulation(small):
     assert np.mean(lam > 2 * bgv) > 0.05
 
 
+def test_bragg_counts_is_lambda_without_background_at_unit_scale(small):
+    ds, pm = small
+    rng = np.random.default_rng(4)
+    I, G, bg = random_params(pm, rng)
+    off = np.zeros_like(bg)
+    off[:, 0] = -np.inf
+    no_bg = direct_lambda(ds, pm.hkl, I, np.ones_like(G), off, pixels=np.arange(0, ds.n_pixels, 7))
+    np.testing.assert_allclose(pm.bragg_counts(I)[::7], no_bg, rtol=2e-6)
+    xh, yh = pm.pixel_offsets_xy()
+    sb = pm.pixel_shoebox
+    bgv = np.exp(bg[sb, 0] + bg[sb, 1] * xh + bg[sb, 2] * yh)
+    Gp = G[pm.sb_lattice[sb]]
+    np.testing.assert_allclose(Gp * pm.bragg_counts(I) + bgv, pm.expected_counts(I, G, bg), rtol=1e-12)
+
+
 def test_precomputed_equals_direct_oversampled():
     ds = make_dataset(seed=3, n_lat=1, n_sb_per_lat=2, box=5)
     pm = PixelModel.from_dataset(ds, backend="cpu", oversample=3)
