@@ -277,6 +277,14 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
         drv.stop()
 
 
+_REFUSED_OBJECTIVE = 1e300
+
+
+def _is_finite(f, g):
+    """True when the objective and every gradient component are finite numbers."""
+    return bool(np.isfinite(f)) and bool(np.all(np.isfinite(g)))
+
+
 def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress, prepared,
               dataset_names, cache_name):
     p = problem
@@ -306,6 +314,9 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
     def fun(z, pre):
         xx = pre.to_x(z)
         f, g = drv.call(_CMD_EVAL, xx)
+        if not _is_finite(f, g):
+            # A trial step so long that λ overflows: refuse the point, the line search backs off.
+            return _REFUSED_OBJECTIVE, np.zeros_like(z)
         last["f"], last["g"] = f, g
         return f, pre.grad_z(g)
 

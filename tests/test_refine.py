@@ -424,3 +424,11 @@ def test_channel_space_fisher_matches_pixel_route(full, cache):
     assert np.max(np.abs(F - F_ref)) < 1e-9 * scale
     np.testing.assert_allclose(dg, dg_ref, rtol=1e-9, atol=1e-12 * dg_ref.max())
     np.testing.assert_allclose(dl, dl_ref, rtol=1e-9, atol=1e-12 * dl_ref.max())
+
+
+def test_non_finite_trial_points_are_refused_not_fatal():
+    """A line-search step so long that λ overflows must be refused, not crash L-BFGS-B."""
+    assert R._is_finite(1.0, np.zeros(3))
+    assert not R._is_finite(np.nan, np.zeros(3))
+    assert not R._is_finite(1.0, np.array([0.0, np.inf, 0.0]))
+    assert R._REFUSED_OBJECTIVE > 1e200 and np.isfinite(R._REFUSED_OBJECTIVE)
