@@ -15,7 +15,7 @@ from ..config import P
 from ..errors import InputError
 from ..spectra import channel_grid
 from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, user_errors)
+                     make_app, parse_words, require_files, require_output, user_errors)
 
 SCRIPT = "cache_sf"
 
@@ -94,8 +94,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         from ..structure import build_sf_cache, parse_sites, read_model
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (model_path,) = require_files(files, ["model (PDB/mmCIF)"], SCRIPT)
-        if output is None:
-            raise InputError("command line: give the output cache file with -o FILE.h5")
+        require_output(output, "cache")
         if not cfg.sites:
             raise InputError("parameter sites: give at least one site, e.g. sites=FE1=FES/FE1")
         if not cfg.d_min > 0:

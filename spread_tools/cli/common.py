@@ -139,6 +139,25 @@ def require_files(files, names, script):
     return files
 
 
+def require_output(output, what):
+    """Check that ``-o`` was given.
+
+    Parameters
+    ----------
+    output : Path or None
+        Value of ``-o/--output``.
+    what : str
+        What the output is, for the message (``"cache"``, ``"dataset"``, ``"result"``).
+
+    Returns
+    -------
+    Path
+    """
+    if output is None:
+        raise InputError(f"command line: give the output {what} file with -o FILE.h5")
+    return output
+
+
 @contextlib.contextmanager
 def user_errors(script):
     """Turn :class:`InputError` into one line on stderr and exit status 2."""

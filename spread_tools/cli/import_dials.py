@@ -20,7 +20,7 @@ import typer
 from ..config import P
 from ..errors import InputError
 from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, user_errors)
+                     make_app, parse_words, require_output, user_errors)
 
 SCRIPT = "import_dials"
 
@@ -126,8 +126,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         from ..dials import build_dataset
         from ..h5io import check_writable
         files, cfg = parse_words(SCHEMA, words, config, show_config)
-        if output is None:
-            raise InputError("command line: give the output dataset file with -o FILE.h5")
+        require_output(output, "dataset")
         if not files:
             raise InputError("command line: give EXPT REFL [SPECTRUM] or a shot list file")
         check_writable(output, overwrite)

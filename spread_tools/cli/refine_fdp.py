@@ -22,7 +22,7 @@ import typer
 from ..errors import InputError
 from ..refine import REFINE_SCHEMA
 from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, user_errors)
+                     make_app, parse_words, require_files, require_output, user_errors)
 
 SCRIPT = "refine_fdp"
 SCHEMA = REFINE_SCHEMA
@@ -78,8 +78,7 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         paths = require_files(files, ["dataset (.h5) ..."], SCRIPT)
         if sf_cache is None:
             raise InputError("command line: give the structure-factor cache with --sf-cache FILE.h5")
-        if output is None:
-            raise InputError("command line: give the output result file with -o FILE.h5")
+        require_output(output, "result")
         output = Path(output)
         ckpt = Path(cfg.checkpoint.path) if cfg.checkpoint.path else \
             output.with_name(output.stem + ".ckpt.h5")

@@ -15,7 +15,7 @@ import typer
 from ..config import P
 from ..errors import InputError
 from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, user_errors)
+                     make_app, parse_words, require_files, require_output, user_errors)
 
 SCRIPT = "simulate_data"
 
@@ -208,8 +208,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             words.append(f"seed={seed}")
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (cache_path,) = require_files(files, ["SF cache (.h5 from cache_sf)"], SCRIPT)
-        if output is None:
-            raise InputError("command line: give the output dataset file with -o FILE.h5")
+        require_output(output, "dataset")
         if not cfg.truth:
             raise InputError("parameter truth: give a curve for every site, e.g. "
                              "truth=FE1=ox.out,FE2=red.out")
