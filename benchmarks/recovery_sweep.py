@@ -24,9 +24,11 @@ The metric is the one of ``tests/test_refine.py::test_recovery_and_negative_cont
 (same window, same edge definition), computed here without importing the test.
 
 The default list of settings is the restraint sweep of the S1 reference setup:
-``defaults`` (Sauter f' mean 0 σ 0.04, f'' mean 0.03 σ 0.08, no KK), ``fdp_mean0``,
-``loose`` (σ 0.2 / 0.3), ``very_loose`` (σ 1 / 1), ``kk`` (f'' Sauter off, KK
-weight 1e5) and ``kk_weak`` (KK weight 100, f' σ 1).
+``reference_s1`` (the reference run's Sauter f' mean 0 σ 0.04, f'' mean 0.03 σ 0.08,
+no KK), ``fdp_mean0``, ``loose`` (σ 0.2 / 0.3, the same as today's ``refine_fdp``
+defaults), ``very_loose`` (σ 1 / 1), ``kk`` (f' σ 0.04, f'' Sauter off, KK weight
+1e5: the reference KK run), ``defaults`` (whatever ``refine_fdp`` defaults to) and
+``kk_weak`` (KK weight 100, f' σ 1).
 
 Usage::
 
@@ -41,7 +43,7 @@ Usage::
 default settings (in the default order). ``--results-dir`` also writes each
 result as ``DIR/<label>.h5`` (+ ``.csv``), for ``plot_curves``. A setting whose
 refinement raises gives a line with ``error`` instead of the figures, and the
-sweep goes on. ``--guard-nonfinite`` (diagnostic) turns a NaN data term at an
+sweep goes on. ``refine_fdp`` now refuses such trial points itself; ``--guard-nonfinite`` (diagnostic) turns a NaN data term at an
 L-BFGS trial point (a wild line-search step, seen with the default and the KK
 settings on the seed-1 400-lattice dataset) into a huge finite value, so that the
 line search backs off instead of scipy raising; the lines then carry
@@ -61,13 +63,16 @@ from _common import machine
 REPO = Path(__file__).resolve().parents[1]
 WINDOW_EV = (7090.0, 7150.0)
 
+REFERENCE_S1 = ["restraints.fp.sigma=0.04", "restraints.fdp.mean=0.03", "restraints.fdp.sigma=0.08"]
+
 SETTINGS = [
-    ("defaults", []),
-    ("fdp_mean0", ["restraints.fdp.mean=0.0"]),
+    ("reference_s1", REFERENCE_S1),
+    ("fdp_mean0", ["restraints.fp.sigma=0.04", "restraints.fdp.mean=0.0", "restraints.fdp.sigma=0.08"]),
     ("loose", ["restraints.fp.sigma=0.2", "restraints.fdp.mean=0.0", "restraints.fdp.sigma=0.3"]),
     ("very_loose", ["restraints.fp.sigma=1.0", "restraints.fdp.mean=0.0",
                     "restraints.fdp.sigma=1.0"]),
-    ("kk", ["restraints.fdp.mean=None", "restraints.kramers_kronig.use=True"]),
+    ("kk", ["restraints.fp.sigma=0.04", "restraints.fdp.mean=None", "restraints.kramers_kronig.use=True"]),
+    ("defaults", []),
     ("kk_weak", ["restraints.fdp.mean=None", "restraints.kramers_kronig.use=True",
                  "restraints.kramers_kronig.weight=100", "restraints.fp.sigma=1.0"]),
 ]
