@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from spread_tools.cli.cache_sf import app
 from spread_tools.structure import SFCache
+from cli_checks import assert_one_line_error
 
 MODEL = Path(__file__).resolve().parents[1] / "test_data" / "models" / "6lk1.pdb"
 ARGS = ["sites=FE1=FES/FE1,FE2=FES/FE2", "d_min=3.5", "d_max=4.0",
@@ -17,10 +18,7 @@ runner = CliRunner()
 
 
 def _one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("cache_sf: error:") and fragment in lines[0], lines[0]
+    assert_one_line_error(result, "cache_sf", fragment)
 
 
 def test_cache_sf_runs_reloads_and_validates(tmp_path):

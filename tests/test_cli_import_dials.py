@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from spread_tools.cli.import_dials import app
 from spread_tools.dataset import Dataset
 from spread_tools.dials import export_dials
+from cli_checks import assert_one_line_error
 
 TD = Path(__file__).resolve().parents[1] / "test_data"
 SIM = TD / "dials" / "sim"
@@ -16,10 +17,7 @@ runner = CliRunner()
 
 
 def _one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("import_dials: error:") and fragment in lines[0], lines[0]
+    assert_one_line_error(result, "import_dials", fragment)
 
 
 def test_import_list_file_matches_simulation(tmp_path):

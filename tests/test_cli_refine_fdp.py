@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from spread_tools import refine as R
 from spread_tools.cli.refine_fdp import app
 from spread_tools.dataset import Dataset
+from cli_checks import assert_one_line_error
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 CACHE = TEST_DATA / "sf_cache.h5"
@@ -29,10 +30,7 @@ def tiny_file(tmp_path_factory):
 
 
 def _one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("refine_fdp: error:") and fragment in lines[0], lines[0]
+    assert_one_line_error(result, "refine_fdp", fragment)
 
 
 def test_refine_fdp_runs_and_writes(tiny_file, tmp_path):

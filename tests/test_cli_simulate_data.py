@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from spread_tools.cli.simulate_data import app
 from spread_tools.dataset import Dataset
 from spread_tools.structure import build_sf_cache
+from cli_checks import assert_one_line_error
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 MODEL = TEST_DATA / "models" / "6lk1.pdb"
@@ -31,10 +32,7 @@ def cache_file(tmp_path_factory):
 
 
 def _one_line_error(result, fragment):
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("simulate_data: error:") and fragment in lines[0], lines[0]
+    assert_one_line_error(result, "simulate_data", fragment)
 
 
 def test_simulate_data_runs_and_reloads(cache_file, tmp_path):
