@@ -28,10 +28,11 @@ from pathlib import Path
 import gemmi
 import numba
 import numpy as np
+from _common import machine
 
 import spread_tools
-from _common import machine
-from spread_tools.structure import build_sf_cache, intensity_and_gradients
+from spread_tools.structure.build import build_sf_cache
+from spread_tools.structure.factors import intensity_and_gradients
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -38,9 +38,9 @@ def emit(figure, info, **values):
 
 
 def bench_channel_weights(backend, n_sb, box, n_chan, n_domains, info, repeat):
-    from spread_tools import geometry
-    from spread_tools.dataset import Dataset
-    from spread_tools.model import channel_weights
+    from spread_tools.io.dataset import Dataset
+    from spread_tools.model import geometry
+    from spread_tools.model.pixel import channel_weights
     rng = np.random.default_rng(0)
     det = geometry.default_detector()
     arr = det.as_arrays()
@@ -84,7 +84,7 @@ def bench_channel_weights(backend, n_sb, box, n_chan, n_domains, info, repeat):
 
 def synthetic_model(backend, fraction, n_chan, seed=0):
     """A PixelModel of LY99 shape with random channel weights (values do not change the cost)."""
-    from spread_tools.model import PixelModel
+    from spread_tools.model.pixel import PixelModel
     rng = np.random.default_rng(seed)
     n_sb = max(1, int(round(LY99["n_sb"] * fraction)))
     n_lat = max(1, int(round(LY99["n_lat"] * fraction)))
@@ -173,7 +173,7 @@ def bench_model(backend, fraction, n_chan, info, repeat):
 def _cuda_kernel_time(pm, I, G, bg, repeat):
     from numba import cuda
 
-    from spread_tools.kernels import cuda as ck
+    from spread_tools.model.kernels import cuda as ck
     d = pm._dev
     I_d, G_d, bg_d = cuda.to_device(I), cuda.to_device(G), cuda.to_device(bg)
     times = []
@@ -205,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--skip-channel-weights", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     args = ap.parse_args(argv)
-    from spread_tools.model import resolve_backend
+    from spread_tools.model.pixel import resolve_backend
     backend = resolve_backend(args.backend)
     info = machine(backend)
     if not args.skip_channel_weights:

@@ -66,11 +66,15 @@ def main(argv=None):
 
     from spread_tools import refine as R
     from spread_tools.config import resolve
-    from spread_tools.dataset import Dataset
-    from spread_tools.model import resolve_backend
-    from spread_tools.scattering import read_table
-    from spread_tools.simulate import SimulationSettings, make_detector, simulate_dataset
-    from spread_tools.structure import SFCache
+    from spread_tools.io.dataset import Dataset
+    from spread_tools.model.pixel import resolve_backend
+    from spread_tools.physics.scattering import read_table
+    from spread_tools.simulate.simulator import (
+        SimulationSettings,
+        make_detector,
+        simulate_dataset,
+    )
+    from spread_tools.structure.cache import SFCache
 
     backend = resolve_backend(args.backend)
     info = machine(backend)

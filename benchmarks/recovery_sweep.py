@@ -1,7 +1,7 @@
 """Recovery of the truth curves by the S1 refinement under a list of restraint settings; JSON lines.
 
 For each restraint setting (a list of ``key=value`` words of ``refine_fdp``) the
-script runs :func:`spread_tools.refine.refine` on a simulated dataset that stores
+script runs :func:`spread_tools.refine.s1.refine` on a simulated dataset that stores
 its ground truth under ``truth/`` (``simulate_data``) and prints one JSON line:
 
 * ``settings``: the words (on top of the ``refine_fdp`` defaults) and their label;
@@ -12,7 +12,7 @@ its ground truth under ``truth/`` (``simulate_data``) and prints one JSON line:
   uncertainty over the same points; ``rms_z_fp`` / ``rms_z_fdp``, the rms of
   (refined − truth) / sigma (1 when the reported sigmas describe the error);
   ``edge_ev`` ± ``edge_sigma_ev`` and ``truth_edge_ev`` (the edge of
-  :func:`spread_tools.refine.edge_position` applied to the truth on the same grid);
+  :func:`spread_tools.refine.uncertainty.edge_position` applied to the truth on the same grid);
 * ``edge_shift_ev`` (FE1 − FE2, or first − second site) ± ``edge_shift_sigma_ev``
   against ``truth_edge_shift_ev``; ``difference_projection``: the refined
   difference of the two sites projected on the true difference (1: recovered in
@@ -20,7 +20,7 @@ its ground truth under ``truth/`` (``simulate_data``) and prints one JSON line:
 * ``wall_s`` (the whole refinement incl. setup and uncertainties), ``converged``,
   ``n_evaluations``, and the machine.
 
-The metric is the one of ``tests/test_refine.py::test_recovery_and_negative_control``
+The metric is the one of ``tests/refine/test_s1.py::test_recovery_and_negative_control``
 (same window, same edge definition), computed here without importing the test.
 
 The default list of settings is the restraint sweep of the S1 reference setup:
@@ -104,9 +104,9 @@ def recovery(truth, res, window_ev=WINDOW_EV):
 
     Parameters
     ----------
-    truth : spread_tools.dataset.Truth
+    truth : spread_tools.io.dataset.Truth
         ``energy_ev`` (channel energies), ``site_names``, ``fp``, ``fdp`` (sites × channels).
-    res : spread_tools.refine.RefineResult
+    res : spread_tools.refine.s1.RefineResult
     window_ev : (float, float)
         Energy window (eV, inclusive) of the rms and median sigma.
 
@@ -118,7 +118,7 @@ def recovery(truth, res, window_ev=WINDOW_EV):
         and ``edge_shift_ev``, ``edge_shift_sigma_ev``, ``truth_edge_shift_ev``,
         ``difference_projection`` for the first two sites.
     """
-    from spread_tools.refine import edge_position
+    from spread_tools.refine.uncertainty import edge_position
     e = np.asarray(res.energy_ev, dtype=np.float64)
     m = (e >= window_ev[0]) & (e <= window_ev[1])
     out, tf = {}, {}
@@ -167,7 +167,7 @@ def guard_nonfinite(problem_class):
     Parameters
     ----------
     problem_class : type
-        :class:`spread_tools.refine.S1Problem`.
+        :class:`spread_tools.refine.s1.S1Problem`.
     """
     orig = problem_class.local_objective
 
@@ -200,9 +200,9 @@ def main(argv=None):
 
     from spread_tools import refine as R
     from spread_tools.config import resolve
-    from spread_tools.dataset import Dataset
-    from spread_tools.model import resolve_backend
-    from spread_tools.structure import SFCache
+    from spread_tools.io.dataset import Dataset
+    from spread_tools.model.pixel import resolve_backend
+    from spread_tools.structure.cache import SFCache
 
     if args.setting:
         settings = [parse_setting(t) for t in args.setting]

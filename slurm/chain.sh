@@ -5,6 +5,8 @@
 # e.g. SBATCH_ACCOUNT=myproj SBATCH_PARTITION=gpu bash chain.sh gpu ...
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+# the tools of this checkout (bin/), unless SPREAD_BIN is set already; sbatch passes the environment on
+export SPREAD_BIN=${SPREAD_BIN:-$(cd "$here/../bin" && pwd)}
 kind=$1; model=$2; out=$3; shift 3
 case $kind in cpu|gpu) ;; *) echo "chain.sh: first word must be cpu or gpu" >&2; exit 2;; esac
 j1=$(sbatch --parsable "$here/cache_sf.sbatch" "$model" "$out")

@@ -22,7 +22,7 @@ import json
 import tomllib
 from pathlib import Path
 
-from .errors import InputError
+from spread_tools.errors import InputError
 
 _NONE_WORDS = {"none", "null"}
 _TRUE_WORDS = {"true", "yes", "on", "1"}

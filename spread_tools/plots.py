@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from spread_tools.errors import InputError
 
 __all__ = ["read_truth", "Curve", "curves_from_result", "curves_from_table", "plot_curves",
            "plot_gallery", "save_figure"]
@@ -48,7 +48,7 @@ def read_truth(path):
     dict
         Site name -> :class:`Curve` (kind ``"truth"``).
     """
-    from .h5io import open_checked, read_array
+    from spread_tools.io.h5io import open_checked, read_array
     with open_checked(path, "spread_tools.dataset") as h5:
         if "truth" not in h5:
             raise InputError(f"{path}: has no truth/ group (only simulated datasets do)")
@@ -67,7 +67,7 @@ def curves_from_result(path, label=None):
     dict
         Site name -> :class:`Curve`.
     """
-    from .refine import read_result
+    from spread_tools.refine.s1 import read_result
     res = read_result(path)
     label = label or Path(path).stem
     return {n: Curve(label, n, res["energy_ev"], res["fp"][i], res["fdp"][i], res["fp_sigma"][i],
@@ -75,7 +75,7 @@ def curves_from_result(path, label=None):
 
 
 def curves_from_table(path, sites, label=None):
-    """Reference curves from any table :func:`spread_tools.scattering.read_table` reads.
+    """Reference curves from any table :func:`spread_tools.physics.scattering.read_table` reads.
 
     A one-curve table (three-column, Henke) is drawn for every site; result files
     and refinement CSVs give each site its own curve.
@@ -85,7 +85,7 @@ def curves_from_table(path, sites, label=None):
     dict
         Site name -> :class:`Curve` (kind ``"table"``).
     """
-    from .scattering import detect_format, read_table
+    from spread_tools.physics.scattering import detect_format, read_table
     label = label or Path(path).name
     fmt = detect_format(path)
     out = {}
@@ -102,7 +102,7 @@ def curves_from_table(path, sites, label=None):
 
 def save_figure(fig, output, overwrite=False, dpi=150):
     """Write a figure atomically; the format follows the suffix of ``output``."""
-    from .h5io import atomic_output
+    from spread_tools.io.h5io import atomic_output
     output = Path(output)
     if output.suffix.lower() not in _FORMATS:
         raise InputError(f"{output}: unknown figure format (use {', '.join(_FORMATS)})")
@@ -230,11 +230,12 @@ def plot_gallery(result_path, datasets, cache, n_shoeboxes=6, backend="cpu"):
     """
     from matplotlib.figure import Figure
 
-    from .dataset import concatenate
-    from .model import PixelModel
-    from .refine import interpolation_matrix, read_result
-    from .scattering import reference_fp_fdp
-    from .structure import structure_factors
+    from spread_tools.io.dataset import concatenate
+    from spread_tools.model.pixel import PixelModel
+    from spread_tools.physics.scattering import reference_fp_fdp
+    from spread_tools.refine.grid import interpolation_matrix
+    from spread_tools.refine.s1 import read_result
+    from spread_tools.structure.factors import structure_factors
     res = read_result(result_path)
     ds = concatenate(list(datasets))
     bgr = res.get("shoebox_background")

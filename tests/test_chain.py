@@ -6,9 +6,8 @@ import sys
 
 import h5py
 import numpy as np
-import pytest
 
-from spread_tools.dataset import Dataset
+from spread_tools.io.dataset import Dataset
 
 
 def run(*args, cwd=None):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from spread_tools.config import P, resolve, help_table
+from spread_tools.config import P, help_table, resolve
 from spread_tools.errors import InputError
 
 SCHEMA = {

@@ -9,10 +9,10 @@ from typer.testing import CliRunner
 from spread_tools import refine as R
 from spread_tools.cli.plot_curves import app
 from spread_tools.config import resolve
-from spread_tools.dataset import Dataset
 from spread_tools.errors import InputError
+from spread_tools.io.dataset import Dataset
 from spread_tools.plots import Curve, curves_from_result, plot_curves, read_truth
-from spread_tools.structure import SFCache
+from spread_tools.structure.cache import SFCache
 
 TEST_DATA = Path(__file__).resolve().parents[1] / "test_data"
 runner = CliRunner()

@@ -11,11 +11,23 @@ import time
 import numpy as np
 import typer
 
-from ..config import P
-from ..errors import InputError
-from ..spectra import channel_grid
-from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, require_output, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    Quiet,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_files,
+    require_output,
+    user_errors,
+)
+from spread_tools.config import P
+from spread_tools.errors import InputError
+from spread_tools.model.spectra import channel_grid
 
 SCRIPT = "cache_sf"
 
@@ -90,8 +102,8 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False):
     """Cache structure factors of a model for SPREAD refinement."""
     with user_errors(SCRIPT):
-        from ..h5io import check_writable
-        from ..structure import build_sf_cache, parse_sites, read_model
+        from spread_tools.io.h5io import check_writable
+        from spread_tools.structure.build import build_sf_cache, parse_sites, read_model
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (model_path,) = require_files(files, ["model (PDB/mmCIF)"], SCRIPT)
         require_output(output, "cache")

@@ -27,8 +27,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import help_table, resolve
-from ..errors import InputError
+from spread_tools.config import help_table, resolve
+from spread_tools.errors import InputError
 
 Words = Annotated[Optional[list[str]], typer.Argument(
     help="Input files, then key=value parameter words (see the list below).",

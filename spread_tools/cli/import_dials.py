@@ -17,10 +17,21 @@ from pathlib import Path
 
 import typer
 
-from ..config import P
-from ..errors import InputError
-from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_output, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    Quiet,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_output,
+    user_errors,
+)
+from spread_tools.config import P
+from spread_tools.errors import InputError
 
 SCRIPT = "import_dials"
 
@@ -83,8 +94,8 @@ app = make_app(SCRIPT, "Import DIALS stills (experiment list, msgpack reflection
 
 
 def settings_from_config(cfg):
-    """:class:`~spread_tools.dials.ImportSettings` from the resolved parameters."""
-    from ..dials import ImportSettings
+    """:class:`~spread_tools.io.dials.importer.ImportSettings` from the resolved parameters."""
+    from spread_tools.io.dials.importer import ImportSettings
     return ImportSettings(
         channels_min_ev=cfg.channels.min_ev, channels_max_ev=cfg.channels.max_ev,
         channels_step_ev=cfg.channels.step_ev, spectrum_file=cfg.spectrum.file,
@@ -100,7 +111,7 @@ def settings_from_config(cfg):
 
 def shots_from_files(files):
     """Shots from the positional files: ``EXPT REFL [SPECTRUM]`` or one shot-list file."""
-    from ..dials import Shot, read_shot_list
+    from spread_tools.io.dials.importer import Shot, read_shot_list
     for f in files:
         if not Path(f).exists():
             raise InputError(f"{f}: no such file")
@@ -123,8 +134,8 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False):
     """Import DIALS stills into a SPREAD dataset."""
     with user_errors(SCRIPT):
-        from ..dials import build_dataset
-        from ..h5io import check_writable
+        from spread_tools.io.dials.importer import build_dataset
+        from spread_tools.io.h5io import check_writable
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         require_output(output, "dataset")
         if not files:

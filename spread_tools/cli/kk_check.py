@@ -5,7 +5,7 @@ Examples::
     kk_check pf-rd-ox_fftkk.out window.min_ev=7070 window.max_ev=7170 -o ox_kk
     kk_check result.h5 site=FE1 --max-rms 0.3 -o fe1_kk
 
-What is computed (``spread_tools.kk.kk_consistency``), on the table's own
+What is computed (``spread_tools.physics.kk.kk_consistency``), on the table's own
 energies inside the window::
 
     KK(f″) = f′_ref + K (f″ − f″_ref),     residual = f′ − KK(f″)
@@ -36,10 +36,20 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
-from ..config import P
-from ..errors import InputError
-from .common import (ConfigFile, Output, Overwrite, ShowConfig, Words, command_settings, make_app,
-                     parse_words, require_files, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_files,
+    user_errors,
+)
+from spread_tools.config import P
+from spread_tools.errors import InputError
 
 SCRIPT = "kk_check"
 
@@ -105,7 +115,7 @@ def residual_csv(check, header_lines=()):
 
     Parameters
     ----------
-    check : spread_tools.kk.KKCheck
+    check : spread_tools.physics.kk.KKCheck
         Result of the check.
     header_lines : sequence of str
         Comment lines written first (prefixed with ``#``).
@@ -130,7 +140,7 @@ def plot_check(check, title, paths, overwrite=False):
 
     Parameters
     ----------
-    check : spread_tools.kk.KKCheck
+    check : spread_tools.physics.kk.KKCheck
         Result of the check.
     title : str
         Figure title.
@@ -143,7 +153,7 @@ def plot_check(check, title, paths, overwrite=False):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..h5io import atomic_output
+    from spread_tools.io.h5io import atomic_output
     fig, (ax, axr) = plt.subplots(2, 1, figsize=(7.5, 6.5), sharex=True,
                                   gridspec_kw={"height_ratios": [3, 1.3]})
     e = check.energy_ev
@@ -178,9 +188,9 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, max_rms: MaxRms = None):
     """Kramers-Kronig consistency check of a tabulated f', f''."""
     with user_errors(SCRIPT):
-        from ..h5io import atomic_write_text, check_writable
-        from ..kk import kk_consistency
-        from ..scattering import read_table
+        from spread_tools.io.h5io import atomic_write_text, check_writable
+        from spread_tools.physics.kk import kk_consistency
+        from spread_tools.physics.scattering import read_table
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (path,) = require_files(files, ["table (E f' f'', .nff, .csv or result .h5)"], SCRIPT)
         threshold = max_rms if max_rms is not None else cfg.max_rms

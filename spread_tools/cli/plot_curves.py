@@ -18,10 +18,20 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import P
-from ..errors import InputError
-from .common import (ConfigFile, Output, Overwrite, ShowConfig, Words, command_settings, make_app,
-                     parse_words, require_files, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_files,
+    user_errors,
+)
+from spread_tools.config import P
+from spread_tools.errors import InputError
 
 SCRIPT = "plot_curves"
 
@@ -69,9 +79,15 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
     (.png, .pdf, .svg); also=pdf writes a second format.
     """
     with user_errors(SCRIPT):
-        from ..h5io import check_writable
-        from ..plots import curves_from_result, curves_from_table, plot_curves, plot_gallery, \
-            read_truth, save_figure
+        from spread_tools.io.h5io import check_writable
+        from spread_tools.plots import (
+            curves_from_result,
+            curves_from_table,
+            plot_curves,
+            plot_gallery,
+            read_truth,
+            save_figure,
+        )
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         if files:
             require_files(files, ["result (.h5) ..."], SCRIPT)
@@ -109,8 +125,8 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
             save_figure(fig, o, overwrite=overwrite, dpi=cfg.dpi)
             typer.echo(f"{SCRIPT}: wrote {o}")
         if gallery:
-            from ..dataset import Dataset
-            from ..structure import SFCache
+            from spread_tools.io.dataset import Dataset
+            from spread_tools.structure.cache import SFCache
             gfig = plot_gallery(files[0], [Dataset.read(p) for p in gallery], SFCache.read(sf_cache),
                                 n_shoeboxes=cfg.gallery.n_shoeboxes)
             save_figure(gfig, gal_out, overwrite=overwrite, dpi=cfg.dpi)

@@ -19,10 +19,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError
-from ..refine import REFINE_SCHEMA
-from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, require_output, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    Quiet,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_files,
+    require_output,
+    user_errors,
+)
+from spread_tools.errors import InputError
+from spread_tools.refine.s1 import REFINE_SCHEMA
 
 SCRIPT = "refine_fdp"
 SCHEMA = REFINE_SCHEMA
@@ -52,7 +64,7 @@ def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
     Fisher information. Runs under mpiexec/srun (lattices split over ranks). Writes
     -o result.h5 and result.csv; a checkpoint after every macrocycle (--resume).
     """
-    from ..refine import get_comm
+    from spread_tools.refine.mpi import get_comm
     comm = get_comm()
     root = comm.rank == 0
     if not root:
@@ -70,10 +82,11 @@ def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
 def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, quiet):
     root = comm.rank == 0
     with (user_errors(SCRIPT) if root else _plain()):
-        from ..dataset import Dataset
-        from ..h5io import check_writable
-        from ..refine import log_to_stderr, refine, select_device_for_rank, write_result
-        from ..structure import SFCache
+        from spread_tools.io.dataset import Dataset
+        from spread_tools.io.h5io import check_writable
+        from spread_tools.refine.mpi import select_device_for_rank
+        from spread_tools.refine.s1 import log_to_stderr, refine, write_result
+        from spread_tools.structure.cache import SFCache
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         paths = require_files(files, ["dataset (.h5) ..."], SCRIPT)
         if sf_cache is None:

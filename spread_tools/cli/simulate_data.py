@@ -12,10 +12,22 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..config import P
-from ..errors import InputError
-from .common import (ConfigFile, Output, Overwrite, Quiet, ShowConfig, Words, command_settings,
-                     make_app, parse_words, require_files, require_output, user_errors)
+from spread_tools.cli.common import (
+    ConfigFile,
+    Output,
+    Overwrite,
+    Quiet,
+    ShowConfig,
+    Words,
+    command_settings,
+    make_app,
+    parse_words,
+    require_files,
+    require_output,
+    user_errors,
+)
+from spread_tools.config import P
+from spread_tools.errors import InputError
 
 SCRIPT = "simulate_data"
 
@@ -94,7 +106,7 @@ app = make_app(SCRIPT, "Simulate a SPREAD dataset (XFEL still shots with SASE sp
 
 
 def settings_from_config(cfg):
-    """Build :class:`~spread_tools.simulate.SimulationSettings` from the parameters.
+    """Build :class:`~spread_tools.simulate.simulator.SimulationSettings` from the parameters.
 
     Parameters
     ----------
@@ -103,9 +115,9 @@ def settings_from_config(cfg):
 
     Returns
     -------
-    spread_tools.simulate.SimulationSettings
+    spread_tools.simulate.simulator.SimulationSettings
     """
-    from ..simulate import SimulationSettings
+    from spread_tools.simulate.simulator import SimulationSettings
     sp, cr, bm = cfg.spectrum, cfg.crystal, cfg.beam
     return SimulationSettings(
         n_lattices=cfg.lattices, seed=cfg.seed, d_min_a=cfg.d_min, d_max_a=cfg.d_max,
@@ -140,7 +152,7 @@ def read_truth(specs):
     -------
     dict
     """
-    from ..scattering import detect_format, read_table
+    from spread_tools.physics.scattering import detect_format, read_table
     out = {}
     for spec in specs:
         name, eq, path = spec.partition("=")
@@ -173,9 +185,9 @@ def detector_from_config(cfg):
 
     Returns
     -------
-    spread_tools.geometry.Detector
+    spread_tools.model.geometry.Detector
     """
-    from ..simulate import make_detector
+    from spread_tools.simulate.simulator import make_detector
     d = cfg.detector
     if len(d.offset_mm) != 2:
         raise InputError("parameter detector.offset_mm: needs two numbers (fast, slow) in mm")
@@ -198,9 +210,9 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             "--seed", help="Random seed (same as seed=N).")] = None):
     """Simulate a SPREAD still-shot dataset with ground truth."""
     with user_errors(SCRIPT):
-        from ..h5io import check_writable
-        from ..simulate import simulate_dataset
-        from ..structure import SFCache
+        from spread_tools.io.h5io import check_writable
+        from spread_tools.simulate.simulator import simulate_dataset
+        from spread_tools.structure.cache import SFCache
         words = list(words or [])
         if lattices is not None:
             words.append(f"lattices={lattices}")

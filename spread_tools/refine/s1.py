@@ -1,0 +1,488 @@
+"""S1 refinement: per-site f′(E), f″(E) on an energy grid from SPREAD still-shot data.
+
+Objective
+---------
+For the pixel model of ``docs/formats.md`` (channel weights w computed once by
+:mod:`spread_tools.model.pixel`)::
+
+    λ_p = G_j Σ_c w[p,c] I(h0_k, E_c) + exp(b0_k + b1_k x̂ + b2_k ŷ)
+    f   = Σ_{p unmasked} (λ_p − k_p ln λ_p) − C  +  restraints(f′, f″)
+
+``C = Σ (k − k ln k)`` is a constant (the saturated model), so the data part
+is half the Poisson deviance: its value is of order the number of pixels and
+relative tolerances mean something. Parameters, in one vector ``x``:
+
+* global: f′_s(E_k), f″_s(E_k) for every refined site s on the grid
+  ``grid.min_ev : grid.step_ev : grid.max_ev`` (default: 4 eV steps from the
+  first spectrum channel, covering all channels with photons); channel values
+  are linear interpolation ``M·u`` (M: n_chan × n_grid, two non-zeros per row,
+  ``scipy.sparse``), gradients go back with ``Mᵀ``. Sites of the cache that are
+  not refined (``sites=``) keep their reference values;
+* per lattice: g_j with G_j = exp(g_j);
+* per shoebox: the log-linear background (b0, b1, b2).
+
+Gradient: ∂f/∂I[h,c] from :meth:`spread_tools.model.pixel.PixelModel.nll_and_gradients`,
+then ∂I/∂f′, ∂I/∂f″ from :func:`spread_tools.structure.factors.intensity_and_gradients`
+at the channel energies of the dataset's distinct Miller indices, then Mᵀ.
+
+Optimizer
+---------
+L-BFGS-B (scipy) on the whole vector (global and local parameters together),
+in *macrocycles* of at most ``optimizer.iterations`` iterations. At the start
+of each macrocycle every parameter is rescaled by the inverse square root of
+the diagonal of the Fisher information (plus the restraints' exact Hessian),
+so the variables are in units of their own standard uncertainty. Convergence:
+the largest |∂f/∂z| over all rescaled variables z is at most
+``optimizer.gtol`` (default 1e-3: a 1σ move changes the objective by less than
+0.001), or a macrocycle that no longer lowers the objective (round-off). A
+checkpoint is written after every macrocycle; since a macrocycle restarts
+L-BFGS from its first point, ``--resume`` from a checkpoint follows exactly the
+same path as an uninterrupted run (bit for bit on the same machine and ranks).
+
+MPI
+---
+Lattices are split over ranks in contiguous blocks of about equal pixel
+counts. Rank 0 runs the optimizer; for every evaluation it broadcasts ``x``,
+each rank evaluates its lattices, rank 0 gathers the per-rank partial sums and
+adds them in rank order (deterministic), restraints are added once on rank 0.
+Without mpi4py (or with one rank) everything runs in-process.
+
+Uncertainties
+-------------
+Gauss–Newton / Fisher information of the Poisson likelihood,
+``Jᵀ diag(1/λ) J``, at the solution. The local parameters are profiled out
+exactly (per shoebox for (b0,b1,b2), then per lattice for g: Schur complements,
+so the global block is the information *after* the scales and backgrounds
+have been fitted), the restraints' Hessian (exact: they are quadratic) is
+added, and the covariance is its inverse. The same computation gives the
+preconditioner of every macrocycle; it runs in channel space (per-shoebox
+Σ w wᵀ/λ, Numba) for up to 48 channels, per pixel (∂λ/∂u) above. The edge of each site is the
+energy where f″ first crosses half its step ((f″(first) + f″(last))/2, linear
+interpolation between grid points) with its uncertainty propagated from the
+covariance of that site's f″.
+
+Input policy
+------------
+Shoeboxes with fewer than ``shoebox.min_pixels`` unmasked pixels (all-masked
+ones included) are dropped with a warning (their background would be
+undetermined); lattices left without shoeboxes too (their G is NaN in the
+result, as are the dropped backgrounds). A dataset whose cell, space group
+or Miller indices do not match the SF cache, a grid that does not cover the
+channels carrying photons, and unknown site names are InputErrors.
+
+Modules
+-------
+:mod:`spread_tools.refine.s1` holds the entry point :func:`refine` (and the optimizer
+loop) and the result files; the parts live in :mod:`spread_tools.refine.grid` (energy grid,
+interpolation matrix), :mod:`spread_tools.refine.prepare` (input checks),
+:mod:`spread_tools.refine.objective` (:class:`S1Problem`: layout, objective, gradient),
+:mod:`spread_tools.refine.uncertainty` (Fisher information, covariance, edge),
+:mod:`spread_tools.refine.driver` (collective commands, preconditioner),
+:mod:`spread_tools.refine.checkpoint` and :mod:`spread_tools.refine.mpi`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.optimize
+
+from spread_tools.config import P
+from spread_tools.errors import InputError
+from spread_tools.refine.checkpoint import (
+    _answer_config,
+    _fingerprint,
+    _read_checkpoint,
+    _write_checkpoint,
+)
+from spread_tools.refine.driver import (
+    _CMD_DIAG,
+    _CMD_EVAL,
+    _CMD_FISHER,
+    _Driver,
+    _Preconditioner,
+)
+from spread_tools.refine.mpi import get_comm
+from spread_tools.refine.objective import S1Problem
+from spread_tools.refine.prepare import prepare_data
+from spread_tools.refine.restraints import RESTRAINT_SCHEMA
+from spread_tools.refine.uncertainty import _invert, edge_position
+
+__all__ = ["REFINE_SCHEMA", "RESULT_FORMAT", "RESULT_VERSION", "refine", "RefineResult",
+           "write_result", "read_result"]
+
+RESULT_FORMAT = "spread_tools.result"
+RESULT_VERSION = 1
+
+REFINE_SCHEMA = {
+    "sites": P([], "sites of the SF cache to refine (empty: all); the others keep their "
+               "reference curve", type=list, item_type=str),
+    "grid": {
+        "step_ev": P(4.0, "energy step of the refined f'/f'' grid", units="eV"),
+        "min_ev": P(None, "first grid energy (None: the first spectrum channel)", units="eV",
+                    type=float),
+        "max_ev": P(None, "last grid energy at most (None: up to the last channel, rounded up "
+                    "to a whole step)", units="eV", type=float),
+    },
+    "reference": P("chantler", "reference tables for the start values, the fixed sites and "
+                   "the non-site elements", choices=("chantler", "cromer_liberman")),
+    "start": {
+        "result": P(None, "start from a previous result (.h5 or .csv) instead of the "
+                    "reference table", type=str),
+    },
+    "restraints": RESTRAINT_SCHEMA,
+    "optimizer": {
+        "gtol": P(1e-3, "convergence: largest |gradient| in standard-uncertainty units "
+                  "(objective change per 1 sigma move)"),
+        "iterations": P(100, "L-BFGS iterations per macrocycle (a checkpoint after each)"),
+        "max_macrocycles": P(30, "stop after this many macrocycles (the result is then "
+                             "marked not converged and the checkpoint kept)"),
+        "memory": P(20, "L-BFGS memory (correction pairs)"),
+    },
+    "shoebox": {
+        "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
+    },
+    "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
+    "checkpoint": {
+        "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
+        "keep": P(False, "keep the checkpoint after a converged run"),
+    },
+}
+
+
+# --------------------------------------------------------------------------- refine
+
+@dataclasses.dataclass
+class RefineResult:
+    """What :func:`refine` returns on rank 0 (``None`` elsewhere). Arrays as in the result file."""
+
+    energy_ev: np.ndarray
+    site_names: list
+    site_elements: list
+    fp: np.ndarray
+    fdp: np.ndarray
+    fp_sigma: np.ndarray
+    fdp_sigma: np.ndarray
+    edge_ev: np.ndarray
+    edge_sigma_ev: np.ndarray
+    lattice_G: np.ndarray
+    shoebox_background: np.ndarray
+    history: dict
+    covariance: np.ndarray
+    converged: bool
+    message: str
+    objective: float
+    n_ranks: int
+    n_evaluations: int
+    restraints: list
+    config_json: str = "{}"
+    datasets: list = dataclasses.field(default_factory=list)
+    sf_cache: str = ""
+    warnings: list = dataclasses.field(default_factory=list)
+    x: np.ndarray = None
+
+
+def _start_curves(cfg, problem):
+    """Start curves from a previous result/table, or None for the reference."""
+    path = cfg.start.result
+    if path is None:
+        return None
+    from spread_tools.physics.scattering import detect_format, read_table
+    fmt = detect_format(path)
+    fp, fdp = [], []
+    for name in problem.site_names:
+        table = read_table(path, site=name if fmt in ("result", "csv") else None)
+        lo, hi = table.energy_range_ev
+        if problem.grid_ev[0] < lo - 1e-6 or problem.grid_ev[-1] > hi + 1e-6:
+            raise InputError(f"{path}: start curve of {name} covers {lo:g}-{hi:g} eV, the grid "
+                             f"{problem.grid_ev[0]:g}-{problem.grid_ev[-1]:g} eV")
+        a, b = table.interpolate(np.clip(problem.grid_ev, lo, hi))
+        fp.append(a)
+        fdp.append(b)
+    return np.array(fp), np.array(fdp)
+
+
+def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=None, quiet=True,
+           backend=None, dataset_names=(), cache_name=""):
+    """Run the S1 refinement (collective: call it on every rank).
+
+    Parameters
+    ----------
+    datasets : list of Dataset
+        Read on every rank (each rank then keeps its own lattices).
+    cache : SFCache
+    cfg : Config
+        Effective parameters (schema :data:`REFINE_SCHEMA`).
+    comm : Comm, optional
+        Default :func:`spread_tools.refine.mpi.get_comm`.
+    checkpoint : str or Path, optional
+        Checkpoint file written after every macrocycle (rank 0).
+    resume : bool
+        Continue from ``checkpoint`` when it exists (refused when it was written
+        for other data or another configuration).
+    log : callable, optional
+        Receives log lines (rank 0 only).
+    quiet : bool
+        No progress bar.
+    backend : str, optional
+        Overrides ``cfg.backend``.
+    dataset_names, cache_name : for the result's metadata.
+
+    Returns
+    -------
+    RefineResult or None
+        The result on rank 0, ``None`` on the other ranks.
+    """
+    from spread_tools.progress import progress
+    comm = comm or get_comm()
+    root = comm.rank == 0
+    say = (log or (lambda s: None)) if root else (lambda s: None)
+    t_start = time.perf_counter()
+    prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels)
+    for w in prepared.warnings:
+        say(f"warning: {w}")
+    problem = S1Problem(prepared, cache, cfg, comm, backend=backend)
+    drv = _Driver(problem)
+    curves = _start_curves(cfg, problem)
+    pm_pix = problem.pm.n_pix if problem.pm is not None else 0
+    say(f"{prepared.ds.n_lattices} lattices, {prepared.ds.n_shoeboxes} shoeboxes, "
+        f"{prepared.ds.n_pixels} pixels ({int(prepared.ds.mask.sum())} unmasked), "
+        f"{len(problem.channel_ev)} channels; {comm.size} rank(s), rank 0 holds {pm_pix} pixels")
+    say(f"grid {problem.grid_ev[0]:g}-{problem.grid_ev[-1]:g} eV step {cfg.grid.step_ev:g} eV "
+        f"({problem.n_grid} points), sites {', '.join(problem.site_names)}; "
+        f"{problem.n_x} parameters ({problem.n_glob} global)")
+    for line in problem.restraints.describe():
+        say(f"restraint: {line}")
+    say(f"setup {time.perf_counter() - t_start:.2f} s (channel weights on {problem.pm.backend if problem.pm else '-'})")
+    if not root:
+        drv.serve(curves)
+        return None
+    try:
+        return _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress,
+                         prepared, dataset_names, cache_name)
+    finally:
+        drv.stop()
+
+
+_REFUSED_OBJECTIVE = 1e300
+
+
+def _is_finite(f, g):
+    """True when the objective and every gradient component are finite numbers."""
+    return bool(np.isfinite(f)) and bool(np.all(np.isfinite(g)))
+
+
+def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress, prepared,
+              dataset_names, cache_name):
+    p = problem
+    config = _answer_config(cfg)
+    fingerprint = _fingerprint(prepared, p.cache, cfg)
+    history = {"objective": [], "gradient_norm": [], "time_s": []}
+    state = None
+    if resume and checkpoint is not None and Path(checkpoint).exists():
+        state = _read_checkpoint(checkpoint, config, fingerprint, p.n_x)
+        say(f"resuming from {checkpoint}: macrocycle {state['macrocycle']} done")
+        x = state["x"]
+        history = state["history"]
+        macro = state["macrocycle"]
+        done = state["converged"]
+        message = state["message"]
+    else:
+        if resume:
+            say(f"no checkpoint {checkpoint}: starting from the beginning")
+        x = drv.start(curves)
+        macro = 0
+        done = False
+        message = ""
+    t0 = time.perf_counter() - (history["time_s"][-1] if history["time_s"] else 0.0)
+    gtol = float(cfg.optimizer.gtol)
+    last = {}
+
+    def fun(z, pre):
+        xx = pre.to_x(z)
+        f, g = drv.call(_CMD_EVAL, xx)
+        if not _is_finite(f, g):
+            # A trial step so long that λ overflows: refuse the point, the line search backs off.
+            return _REFUSED_OBJECTIVE, np.zeros_like(z)
+        last["f"], last["g"] = f, g
+        return f, pre.grad_z(g)
+
+    bar = progress(total=None, desc="S1", quiet=quiet, unit="it")
+    while not done and macro < cfg.optimizer.max_macrocycles:
+        pre = _Preconditioner(*drv.call(_CMD_DIAG, x), p.n_glob)
+        f_before, _ = drv.call(_CMD_EVAL, x)
+
+        def callback(intermediate_result=None, _pre=pre):
+            gn = float(np.max(np.abs(_pre.grad_z(last["g"]))))
+            history["objective"].append(float(last["f"]))
+            history["gradient_norm"].append(gn)
+            history["time_s"].append(time.perf_counter() - t0)
+            it = len(history["objective"])
+            bar.update(1)
+            say(f"iter {it:5d}  objective {last['f']:.10e}  |grad|max {gn:.3e} (sigma units)  "
+                f"time {history['time_s'][-1]:.2f} s")
+
+        res = scipy.optimize.minimize(
+            fun, pre.to_z(x), args=(pre,), jac=True, method="L-BFGS-B", callback=callback,
+            options={"maxiter": int(cfg.optimizer.iterations), "maxcor": int(cfg.optimizer.memory),
+                     "gtol": gtol, "ftol": 1e-15, "maxls": 40})
+        x = pre.to_x(res.x)
+        macro += 1
+        f_after, g_after = drv.call(_CMD_EVAL, x)
+        gmax = float(np.max(np.abs(pre.grad_z(g_after))))
+        say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e}, |grad|max {gmax:.3e}, "
+            f"{res.nit} iterations ({res.message if isinstance(res.message, str) else res.message})")
+        if gmax <= gtol:
+            done, message = True, f"converged: |grad|max {gmax:.3e} <= gtol {gtol:g}"
+        elif not f_after < f_before - 1e-12 * max(1.0, abs(f_before)):
+            done, message = True, (f"stopped: objective no longer decreases (round-off), "
+                                        f"|grad|max {gmax:.3e}")
+        else:
+            message = f"not converged after {macro} macrocycles: |grad|max {gmax:.3e} > gtol {gtol:g}"
+        if checkpoint is not None:
+            _write_checkpoint(checkpoint, {"config": config, "fingerprint": fingerprint,
+                                           "macrocycle": macro, "converged": done,
+                                           "message": message, "x": x, "history": history,
+                                           "site_names": p.site_names})
+    bar.close()
+    say(message)
+    f_final, _ = drv.call(_CMD_EVAL, x)
+    t_unc = time.perf_counter()
+    F = drv.call(_CMD_FISHER, x)
+    cov = _invert(F)
+    say(f"uncertainties from the profiled Fisher information in {time.perf_counter() - t_unc:.2f} s")
+    fp, fdp, g, b = p.split(x)
+    n = p.n_ref * p.n_grid
+    sig = np.sqrt(np.where(np.diag(cov) >= 0, np.diag(cov), np.nan))
+    fp_sigma = sig[:n].reshape(p.n_ref, p.n_grid)
+    fdp_sigma = sig[n:].reshape(p.n_ref, p.n_grid)
+    edges, edge_s = [], []
+    for s in range(p.n_ref):
+        idx = n + s * p.n_grid + np.arange(p.n_grid)
+        e, es = edge_position(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)])
+        edges.append(e)
+        edge_s.append(es)
+    lattice_G = np.full(prepared.n_lat_total, np.nan)
+    lattice_G[prepared.lattice_orig] = np.exp(g)
+    bgs = np.full((prepared.n_sb_total, 3), np.nan)
+    bgs[prepared.shoebox_orig] = b
+    return RefineResult(
+        energy_ev=p.grid_ev.copy(), site_names=list(p.site_names), site_elements=list(p.site_elements),
+        fp=fp.copy(), fdp=fdp.copy(), fp_sigma=fp_sigma, fdp_sigma=fdp_sigma,
+        edge_ev=np.array(edges), edge_sigma_ev=np.array(edge_s), lattice_G=lattice_G,
+        shoebox_background=bgs, history={k: np.asarray(v) for k, v in history.items()},
+        covariance=cov, converged=message.startswith("converged"), message=message,
+        objective=float(f_final), n_ranks=p.comm.size, n_evaluations=drv.n_eval,
+        restraints=p.restraints.active, config_json=p.cfg.to_json(),
+        datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
+        warnings=list(prepared.warnings), x=x)
+
+
+# --------------------------------------------------------------------------- result IO
+
+def write_result(path, result, overwrite=False):
+    """Write a result file (``docs/formats.md``) and its CSV ``<output>.csv`` atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output ``.h5``.
+    result : RefineResult
+    overwrite : bool
+
+    Returns
+    -------
+    Path
+        The CSV written next to it.
+    """
+    from spread_tools.io.h5io import (
+        atomic_write_text,
+        atomic_writer,
+        check_writable,
+        write_strings,
+    )
+    path = Path(path)
+    csv_path = path.with_suffix(".csv")
+    check_writable(csv_path, overwrite)
+    with atomic_writer(path, RESULT_FORMAT, RESULT_VERSION, overwrite=overwrite) as h5:
+        h5.create_dataset("energy_ev", data=result.energy_ev)
+        write_strings(h5, "site_names", result.site_names)
+        write_strings(h5, "site_elements", result.site_elements)
+        for k in ("fp", "fdp", "fp_sigma", "fdp_sigma", "edge_ev", "edge_sigma_ev", "lattice_G",
+                  "shoebox_background", "covariance"):
+            h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+        for k, v in result.history.items():
+            h5.create_dataset(f"history/{k}", data=np.asarray(v, dtype=np.float64))
+        h5.attrs["config"] = result.config_json
+        h5.attrs["datasets"] = json.dumps(result.datasets)
+        h5.attrs["sf_cache"] = result.sf_cache
+        h5.attrs["converged"] = bool(result.converged)
+        h5.attrs["message"] = result.message
+        h5.attrs["objective"] = float(result.objective)
+        h5.attrs["n_ranks"] = int(result.n_ranks)
+        h5.attrs["n_evaluations"] = int(result.n_evaluations)
+        h5.attrs["restraints"] = json.dumps(result.restraints)
+        h5.attrs["warnings"] = json.dumps(result.warnings)
+        h5.attrs["covariance_order"] = "fp (site-major, grid), then fdp (site-major, grid)"
+    cols = ["energy_ev"]
+    for s in result.site_names:
+        cols += [f"{s}_fp", f"{s}_fp_sigma", f"{s}_fdp", f"{s}_fdp_sigma"]
+    lines = [",".join(cols)]
+    for k, e in enumerate(result.energy_ev):
+        row = [f"{e:.4f}"]
+        for i in range(len(result.site_names)):
+            row += [f"{v:.6f}" for v in (result.fp[i, k], result.fp_sigma[i, k],
+                                         result.fdp[i, k], result.fdp_sigma[i, k])]
+        lines.append(",".join(row))
+    atomic_write_text(csv_path, "\n".join(lines) + "\n", overwrite=overwrite)
+    return csv_path
+
+
+def read_result(path):
+    """Read a result file into a dict of arrays and attributes.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    dict
+        Keys of ``docs/formats.md`` (``history`` a dict), plus ``config`` (dict) and ``path``.
+    """
+    from spread_tools.io.h5io import open_checked, read_array
+    out = {"path": str(path)}
+    with open_checked(path, RESULT_FORMAT, RESULT_VERSION) as h5:
+        out["energy_ev"] = read_array(h5, "energy_ev", np.float64)
+        out["site_names"] = [str(s) for s in np.atleast_1d(read_array(h5, "site_names"))]
+        out["site_elements"] = [str(s) for s in np.atleast_1d(read_array(h5, "site_elements"))] \
+            if "site_elements" in h5 else [""] * len(out["site_names"])
+        n = (len(out["site_names"]), len(out["energy_ev"]))
+        for k in ("fp", "fdp"):
+            out[k] = read_array(h5, k, np.float64, shape=n)
+        for k in ("fp_sigma", "fdp_sigma"):
+            out[k] = read_array(h5, k, np.float64, shape=n) if k in h5 else np.full(n, np.nan)
+        for k in ("edge_ev", "edge_sigma_ev", "lattice_G", "shoebox_background", "covariance"):
+            if k in h5:
+                out[k] = read_array(h5, k, np.float64)
+        out["history"] = {k: read_array(h5, f"history/{k}", np.float64)
+                          for k in ("objective", "gradient_norm", "time_s") if f"history/{k}" in h5}
+        try:
+            out["config"] = json.loads(str(h5.attrs.get("config", "{}")))
+        except json.JSONDecodeError:
+            out["config"] = {}
+        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks"):
+            if k in h5.attrs:
+                v = h5.attrs[k]
+                out[k] = v.decode() if isinstance(v, bytes) else v
+    return out
+
+
+def log_to_stderr(line):
+    """Default log sink of the script (rank 0): one line to stderr, flushed."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,112 @@
+"""The refine_fdp script: a run on a tiny dataset, outputs, resume, one-line errors."""
+
+import dataclasses
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from cli_checks import assert_one_line_error
+from typer.testing import CliRunner
+
+from spread_tools import refine as R
+from spread_tools.cli.refine_fdp import app
+from spread_tools.io.dataset import Dataset
+
+TEST_DATA = Path(__file__).resolve().parents[2] / "test_data"
+CACHE = TEST_DATA / "sf_cache.h5"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0, 1])
+    keep = np.zeros(ds.n_shoeboxes, bool)
+    keep[::3] = True
+    ds = ds.select_shoeboxes(keep)
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    ds.write(path)
+    return path
+
+
+def _one_line_error(result, fragment):
+    assert_one_line_error(result, "refine_fdp", fragment)
+
+
+def test_refine_fdp_runs_and_writes(tiny_file, tmp_path):
+    out = tmp_path / "res.h5"
+    r = runner.invoke(app, [str(tiny_file), "--sf-cache", str(CACHE), "-o", str(out), "-q",
+                            "restraints.fp.sigma=0.1"])
+    assert r.exit_code == 0, r.output
+    assert "FE1: edge" in r.output and "converged" in r.output
+    assert out.exists() and (tmp_path / "res.csv").exists()
+    assert not (tmp_path / "res.ckpt.h5").exists()              # removed after convergence
+    res = R.read_result(out)
+    assert res["site_names"] == ["FE1", "FE2"] and res["fp"].shape == (2, 26)
+    assert res["config"]["restraints"]["fp"]["sigma"] == 0.1
+    assert res["datasets"] and res["sf_cache"].endswith("sf_cache.h5")
+    with h5py.File(out) as h5:
+        assert h5.attrs["format"] == "spread_tools.result" and h5.attrs["version"] == 1
+        for k in ("energy_ev", "fp_sigma", "fdp_sigma", "edge_ev", "edge_sigma_ev", "lattice_G",
+                  "shoebox_background", "history/objective", "history/gradient_norm", "history/time_s"):
+            assert k in h5, k
+    header = (tmp_path / "res.csv").read_text().splitlines()[0]
+    assert header == "energy_ev,FE1_fp,FE1_fp_sigma,FE1_fdp,FE1_fdp_sigma,FE2_fp,FE2_fp_sigma,FE2_fdp,FE2_fdp_sigma"
+    _one_line_error(runner.invoke(app, [str(tiny_file), "--sf-cache", str(CACHE), "-o", str(out)]),
+                    "exists already")
+
+
+def test_cli_stop_and_resume_same_answer(tiny_file, tmp_path):
+    base = [str(tiny_file), "--sf-cache", str(CACHE), "-q", "optimizer.iterations=3"]
+    full = tmp_path / "full.h5"
+    assert runner.invoke(app, base + ["-o", str(full)]).exit_code == 0
+    part = tmp_path / "part.h5"
+    r = runner.invoke(app, base + ["-o", str(part), "optimizer.max_macrocycles=1"])
+    assert r.exit_code == 0 and "not converged" in r.output
+    assert (tmp_path / "part.ckpt.h5").exists()
+    # without --resume an existing checkpoint is not silently ignored
+    _one_line_error(runner.invoke(app, base + ["-o", str(tmp_path / "part.h5")]), "checkpoint exists")
+    r = runner.invoke(app, base + ["-o", str(part), "--resume"])
+    assert r.exit_code == 0, r.output
+    a, b = R.read_result(full), R.read_result(part)
+    np.testing.assert_array_equal(a["fp"], b["fp"])
+    np.testing.assert_array_equal(a["fdp_sigma"], b["fdp_sigma"])
+    np.testing.assert_array_equal(a["history"]["objective"], b["history"]["objective"])
+    # another configuration refuses the checkpoint
+    r = runner.invoke(app, base + ["-o", str(tmp_path / "x.h5"), "optimizer.max_macrocycles=1"])
+    r = runner.invoke(app, base + ["-o", str(tmp_path / "x.h5"), "--resume", "restraints.fdp.sigma=0.2"])
+    _one_line_error(r, "another configuration")
+
+
+def test_show_config_and_help():
+    r = runner.invoke(app, ["--show-config", "restraints.fp.sigma=0.05"])
+    assert r.exit_code == 0 and "sigma = 0.05" in r.output and "[restraints.kramers_kronig]" in r.output
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for word in ("--sf-cache", "--resume", "grid.step_ev=4.0", "restraints.fp.sigma", "eV"):
+        assert word in r.output, word
+
+
+@pytest.mark.parametrize("case", ["no_cache", "no_output", "missing", "site", "grid", "cell",
+                                  "not_dataset", "bad_key"])
+def test_bad_input_gives_one_line(case, tiny_file, tmp_path):
+    out = str(tmp_path / "r.h5")
+    args = {"no_cache": ([str(tiny_file), "-o", out], "--sf-cache"),
+            "no_output": ([str(tiny_file), "--sf-cache", str(CACHE)], "-o"),
+            "missing": ([str(tmp_path / "nope.h5"), "--sf-cache", str(CACHE), "-o", out], "no such file"),
+            "site": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out, "sites=FE7"], "FE7"),
+            "grid": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out, "grid.max_ev=7100"],
+                     "does not cover"),
+            "not_dataset": ([str(CACHE), "--sf-cache", str(CACHE), "-o", out], "expected spread_tools.dataset"),
+            "bad_key": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out, "restraints.fp.sigmaa=1"],
+                        "unknown parameter")}
+    if case == "cell":
+        ds = Dataset.read(tiny_file)
+        other = dataclasses.replace(ds, cell=np.asarray(ds.cell) * [1.05, 1, 1, 1, 1, 1])
+        path = tmp_path / "other.h5"
+        other.write(path)
+        argv, frag = [str(path), "--sf-cache", str(CACHE), "-o", out], "different models or cells"
+    else:
+        argv, frag = args[case]
+    _one_line_error(runner.invoke(app, argv + ["-q"]), frag)
+    assert not Path(out).exists()
