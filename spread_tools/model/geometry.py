@@ -30,8 +30,8 @@ from spread_tools.errors import InputError
 
 __all__ = ["HC_EV_A", "R_E_A", "Beam", "Panel", "Detector", "Crystal", "pixel_to_lab_mm",
            "ray_to_pixel", "s0_from", "wavelength_a_from_energy_ev", "energy_ev_from_wavelength_a",
-           "solid_angle", "polarization_factor", "mosaic_rotations", "default_detector",
-           "single_panel_detector", "detector_arrays", "rotation_matrix"]
+           "solid_angle", "polarization_factor", "mosaic_rotations", "mosaic_axes_and_quantiles",
+           "default_detector", "single_panel_detector", "detector_arrays", "rotation_matrix"]
 
 #: h·c in eV·Å: λ[Å] = HC_EV_A / E[eV].
 HC_EV_A = 12398.4198
@@ -393,10 +393,49 @@ def rotation_matrix(axis, angle_rad):
     return c * np.eye(3) + s * ux + (1 - c) * np.outer(u, u)
 
 
+def mosaic_axes_and_quantiles(n_domains):
+    """Rotation axes and unit angles of the mosaic domains (see :func:`mosaic_rotations`).
+
+    Parameters
+    ----------
+    n_domains : int
+        Number of domains (≥ 1).
+
+    Returns
+    -------
+    axes : ndarray (n_domains, 3)
+        Unit rotation axis of each domain (domains d and n−1−d share one).
+    quantiles : ndarray (n_domains,)
+        Φ⁻¹((d + 0.5)/n): domain d is rotated by ``spread_rad · quantiles[d]`` about
+        ``axes[d]``; 0 for the middle domain of an odd n.
+    """
+    from scipy.special import ndtri
+    n = int(n_domains)
+    if n < 1:
+        raise InputError("mosaic n_domains: must be at least 1")
+    axes = np.tile(np.array([0.0, 0.0, 1.0]), (n, 1))
+    quantiles = np.zeros(n)
+    if n == 1:
+        return axes, quantiles
+    quantiles = ndtri((np.arange(n) + 0.5) / n)
+    if n % 2:
+        quantiles[n // 2] = 0.0
+    g = 1.32471795724474602596  # plastic number: R2 sequence
+    a1, a2 = 1.0 / g, 1.0 / g ** 2
+    for i in range(n // 2):
+        t1 = (0.5 + (i + 1) * a1) % 1.0
+        t2 = (0.5 + (i + 1) * a2) % 1.0
+        z = 2 * t1 - 1
+        rxy = math.sqrt(max(0.0, 1 - z * z))
+        axes[i] = axes[n - 1 - i] = [rxy * math.cos(2 * math.pi * t2), rxy * math.sin(2 * math.pi * t2), z]
+    return axes, quantiles
+
+
 def mosaic_rotations(spread_deg, n_domains):
     """Deterministic rotations of the mosaic domains (same result on every call).
 
-    Domain d is a rotation by angle α_d about unit axis u_d:
+    Domain d is a rotation by angle α_d about unit axis u_d
+    (:func:`mosaic_axes_and_quantiles`):
 
     * angles: the Gaussian quantiles α_d = σ·Φ⁻¹((d + 0.5)/n), d = 0..n−1,
       with σ = ``spread_deg`` (so the rms rotation angle is ≈ σ); they are
@@ -408,7 +447,8 @@ def mosaic_rotations(spread_deg, n_domains):
       For odd n the middle domain has angle 0 (identity).
 
     No random-number generator is used. ``spread_deg == 0`` or ``n_domains == 1``
-    gives identity matrices.
+    gives identity matrices. The angles are linear in σ at fixed axes, so every
+    domain rotation, and the model, is a smooth function of σ.
 
     Parameters
     ----------
@@ -421,7 +461,6 @@ def mosaic_rotations(spread_deg, n_domains):
     -------
     ndarray (n_domains, 3, 3) float64
     """
-    from scipy.special import ndtri
     n = int(n_domains)
     if n < 1:
         raise InputError("mosaic n_domains: must be at least 1")
@@ -430,18 +469,11 @@ def mosaic_rotations(spread_deg, n_domains):
     out = np.tile(np.eye(3), (n, 1, 1))
     if n == 1 or spread_deg == 0:
         return out
+    axes, quantiles = mosaic_axes_and_quantiles(n)
     sigma = math.radians(float(spread_deg))
-    alpha = sigma * ndtri((np.arange(n) + 0.5) / n)
-    g = 1.32471795724474602596  # plastic number: R2 sequence
-    a1, a2 = 1.0 / g, 1.0 / g ** 2
-    for i in range(n // 2):
-        t1 = (0.5 + (i + 1) * a1) % 1.0
-        t2 = (0.5 + (i + 1) * a2) % 1.0
-        z = 2 * t1 - 1
-        rxy = math.sqrt(max(0.0, 1 - z * z))
-        axis = np.array([rxy * math.cos(2 * math.pi * t2), rxy * math.sin(2 * math.pi * t2), z])
-        out[i] = rotation_matrix(axis, alpha[i])
-        out[n - 1 - i] = rotation_matrix(axis, alpha[n - 1 - i])
+    for d in range(n):
+        if d != n - 1 - d:
+            out[d] = rotation_matrix(axes[d], sigma * quantiles[d])
     return out
 
 
