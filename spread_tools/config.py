@@ -249,7 +249,7 @@ def _find_key(word_key, params, source):
     raise InputError(f"{source}: unknown parameter {word_key}{hint}")
 
 
-def resolve(schema, toml_path=None, overrides=(), toml_text=None):
+def resolve(schema, toml_path=None, overrides=(), toml_text=None, presets=None):
     """Build the effective configuration.
 
     Parameters
@@ -262,6 +262,10 @@ def resolve(schema, toml_path=None, overrides=(), toml_text=None):
         ``key=value`` words, applied after the file.
     toml_text : str, optional
         TOML content given directly (e.g. a configuration stored in a checkpoint).
+    presets : dict, optional
+        Name → {dotted key: value}: named sets of defaults, chosen with the schema's
+        ``preset`` parameter (from the words, else the file, else its default). A preset
+        replaces the defaults it names; the file and the words still win over it.
 
     Returns
     -------
@@ -274,6 +278,7 @@ def resolve(schema, toml_path=None, overrides=(), toml_text=None):
     """
     params = _flatten(schema)
     values = {k: p.default for k, p in params.items()}
+    data = None
     if toml_path is not None:
         path = Path(toml_path)
         if not path.is_file():
@@ -290,6 +295,9 @@ def resolve(schema, toml_path=None, overrides=(), toml_text=None):
             data = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
             raise InputError(f"{source}: not valid TOML ({exc})") from None
+    if presets:
+        _apply_preset(values, params, presets, data, overrides)
+    if data is not None:
 
         def walk(d, prefix):
             for k, v in d.items():
@@ -307,6 +315,21 @@ def resolve(schema, toml_path=None, overrides=(), toml_text=None):
         full = _find_key(key.strip(), params, "command line")
         values[full] = params[full].coerce(full, text.strip(), from_text=True)
     return Config(_nest(values), schema)
+
+
+def _apply_preset(values, params, presets, data, overrides):
+    """Overlay the chosen preset's values on the defaults (in place)."""
+    name = values.get("preset")
+    if data is not None and "preset" in data:
+        name = params["preset"].coerce("preset", data["preset"], from_text=False)
+    for word in overrides:
+        key, eq, text = word.partition("=")
+        if eq and key.strip() == "preset":
+            name = params["preset"].coerce("preset", text.strip(), from_text=True)
+    if name not in presets:
+        raise InputError(f"parameter preset: unknown preset {name!r} (one of {', '.join(presets)})")
+    for key, value in presets[name].items():
+        values[key] = params[key].coerce(key, value, from_text=False)
 
 
 def help_table(schema):

@@ -80,7 +80,7 @@ def command_settings(schema):
                       "parentheses):\n\n" + table}
 
 
-def parse_words(schema, words, config_path=None, show_config=False):
+def parse_words(schema, words, config_path=None, show_config=False, presets=None):
     """Split positional words into input files and parameter overrides, then resolve.
 
     Parameters
@@ -93,6 +93,8 @@ def parse_words(schema, words, config_path=None, show_config=False):
         TOML file given with ``--config``.
     show_config : bool
         Print the effective configuration as TOML and exit 0.
+    presets : dict, optional
+        Named sets of defaults (see :func:`spread_tools.config.resolve`).
 
     Returns
     -------
@@ -104,7 +106,7 @@ def parse_words(schema, words, config_path=None, show_config=False):
     words = words or []
     files = [Path(w) for w in words if "=" not in w]
     overrides = [w for w in words if "=" in w]
-    cfg = resolve(schema, toml_path=config_path, overrides=overrides)
+    cfg = resolve(schema, toml_path=config_path, overrides=overrides, presets=presets)
     if show_config:
         typer.echo(cfg.to_toml(), nl=False)
         raise typer.Exit(0)

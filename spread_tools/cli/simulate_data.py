@@ -32,6 +32,9 @@ from spread_tools.errors import InputError
 SCRIPT = "simulate_data"
 
 SCHEMA = {
+    "preset": P("ideal", "a named set of defaults (PRESETS): ideal = bright, clean data with the "
+                         "stored crystal models exact; ly99 = beamtime-like (see the README)",
+                choices=("ideal", "ly99")),
     "truth": P([], "ground-truth curve of every site of the SF cache, SITE=TABLE, "
                    "comma-separated (TABLE: E f' f'' text, Henke .nff, CSV or a result); "
                    "the curves are interpolated linearly to the channel energies",
@@ -74,6 +77,19 @@ SCHEMA = {
         "domain_size_cells": P([48.0, 48.0, 24.0], "mosaic domain size N_a, N_b, N_c",
                                units="cells", type=list, item_type=float),
         "n_domains": P(8, "mosaic domains summed per pixel"),
+        "cell_sigma_fraction": P(0.0, "per-lattice spread of the true cell edges (relative sigma)"),
+        "domain_size_log_sigma": P(0.0, "per-lattice log-normal spread of the true domain size"),
+        "mosaic_log_sigma": P(0.0, "per-lattice log-normal spread of the true mosaic spread"),
+    },
+    "model_error": {
+        "rotation_deg": P(0.0, "rms angle between the true and the stored crystal orientation",
+                          units="deg"),
+        "cell_fraction": P(0.0, "relative sigma of the stored cell edges about the cache's cell "
+                                "(0: stored models carry the cache's cell)"),
+        "spectrometer_offset_ev": P(0.0, "true photon energy minus the stored channel energy",
+                                    units="eV"),
+        "spectrum_jitter_ev": P(0.0, "per-shot sigma of a further shift of the stored spectrum",
+                                units="eV"),
     },
     "beam": {   # the beam runs along -z (DIALS direction (0, 0, 1)), the detector faces it
         "polarization_normal": P([0.0, 1.0, 0.0], "DIALS polarization_normal",
@@ -96,6 +112,28 @@ SCHEMA = {
         "gap_mm": P(2.0, "gap between the modules of the 16-module detector", units="mm"),
         "offset_mm": P([0.0, 0.0], "lateral shift (x, y) of the detector in the lab frame",
                        units="mm", type=list, item_type=float),
+        "gain_adu_per_photon": P(1.0, "detector gain (the stored counts are photon-converted)",
+                                 units="ADU/photon"),
+        "read_noise_adu": P(0.0, "Gaussian read noise before the photon conversion", units="ADU"),
+    },
+}
+
+#: Named sets of defaults (``preset=``); words and a TOML file still win over them.
+PRESETS = {
+    "ideal": {},
+    # beamtime-like: background-dominated shoeboxes, low fluence, every lattice its own
+    # crystal, stored models with indexing-size errors, a miscalibrated spectrometer
+    "ly99": {
+        "shoebox_size": 19,
+        "fluence": 1.0e3,
+        "background.photons": 2.0,
+        "crystal.cell_sigma_fraction": 0.002,
+        "crystal.domain_size_log_sigma": 0.2,
+        "crystal.mosaic_log_sigma": 0.2,
+        "model_error.rotation_deg": 0.05,
+        "model_error.spectrometer_offset_ev": 2.0,
+        "model_error.spectrum_jitter_ev": 0.25,
+        "detector.read_noise_adu": 0.15,
     },
 }
 
@@ -134,6 +172,12 @@ def settings_from_config(cfg):
         background_photons=cfg.background.photons, background_log_sigma=cfg.background.log_sigma,
         n_sigma=cfg.n_sigma, min_spot_photons=cfg.min_spot_photons, poisson_noise=cfg.noise,
         chunk_lattices=cfg.chunk_lattices,
+        cell_sigma_fraction=cr.cell_sigma_fraction, domain_size_log_sigma=cr.domain_size_log_sigma,
+        mosaic_log_sigma=cr.mosaic_log_sigma,
+        model_rotation_deg=cfg.model_error.rotation_deg, model_cell_fraction=cfg.model_error.cell_fraction,
+        spectrometer_offset_ev=cfg.model_error.spectrometer_offset_ev,
+        spectrum_jitter_ev=cfg.model_error.spectrum_jitter_ev,
+        gain_adu_per_photon=cfg.detector.gain_adu_per_photon, read_noise_adu=cfg.detector.read_noise_adu,
     ).check()
 
 
@@ -218,7 +262,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             words.append(f"lattices={lattices}")
         if seed is not None:
             words.append(f"seed={seed}")
-        files, cfg = parse_words(SCHEMA, words, config, show_config)
+        files, cfg = parse_words(SCHEMA, words, config, show_config, presets=PRESETS)
         (cache_path,) = require_files(files, ["SF cache (.h5 from cache_sf)"], SCRIPT)
         require_output(output, "dataset")
         if not cfg.truth:

@@ -56,6 +56,12 @@ class Truth:
         Per-lattice scale.
     background : ndarray (n_sb, 3)
         Log-linear background (b0, b1, b2) per shoebox.
+    A, cell, domain_size_cells, mosaic_spread_deg : ndarray (n_lat, ...), optional
+        The true crystal of every lattice (the stored ``lattices/`` models may differ).
+    spectrum_offset_ev : ndarray (n_lat,), optional
+        True photon energy minus the stored channel energy, per lattice.
+    spectrum_weight : ndarray (n_lat, n_chan), optional
+        The true spectra (photons/Å² per channel at ``energy_ev``).
     """
 
     energy_ev: np.ndarray
@@ -64,6 +70,21 @@ class Truth:
     fdp: np.ndarray
     G: np.ndarray
     background: np.ndarray
+    A: np.ndarray = None
+    cell: np.ndarray = None
+    domain_size_cells: np.ndarray = None
+    mosaic_spread_deg: np.ndarray = None
+    spectrum_offset_ev: np.ndarray = None
+    spectrum_weight: np.ndarray = None
+
+    #: Per-lattice fields (first axis n_lat), optional.
+    LATTICE_FIELDS = ("G", "A", "cell", "domain_size_cells", "mosaic_spread_deg",
+                      "spectrum_offset_ev", "spectrum_weight")
+
+    def select_lattices(self, index):
+        """The truth of the given lattices (per-lattice fields indexed, the rest kept)."""
+        return dataclasses.replace(self, **{name: getattr(self, name)[index] for name in self.LATTICE_FIELDS
+                                            if getattr(self, name) is not None})
 
 
 @dataclasses.dataclass
@@ -230,19 +251,21 @@ class Dataset:
             fields["config_json"] = str(attrs.get("config", "{}"))
             truth = None
             if "truth" in h5:
+                optional = {name: read_array(h5, f"truth/{name}", np.float64)
+                            for name in Truth.LATTICE_FIELDS[1:] if f"truth/{name}" in h5}
                 truth = Truth(
                     energy_ev=read_array(h5, "truth/energy_ev", np.float64),
                     site_names=list(read_array(h5, "truth/site_names").astype(str)),
                     fp=read_array(h5, "truth/fp", np.float64),
                     fdp=read_array(h5, "truth/fdp", np.float64),
                     G=read_array(h5, "truth/G", np.float64),
-                    background=read_array(h5, "truth/background", np.float64))
+                    background=read_array(h5, "truth/background", np.float64), **optional)
         ds = cls(**fields, truth=truth, path=str(path))
         if validate:
             ds.validate()
         return ds
 
-    def write(self, path, overwrite=False):
+    def write(self, path, overwrite=False, extra=None):
         """Write the dataset atomically.
 
         Parameters
@@ -251,6 +274,9 @@ class Dataset:
             Output file.
         overwrite : bool
             Replace an existing file.
+        extra : dict, optional
+            Further HDF5 datasets, ``"group/name" → array`` (string arrays as strings), e.g.
+            the per-lattice table of ``refine_geometry``; readers ignore them.
         """
         self.validate()
         with atomic_writer(path, FORMAT, VERSION, overwrite=overwrite) as h5:
@@ -269,12 +295,19 @@ class Dataset:
             opts = dict(compression="gzip", compression_opts=1, shuffle=True) if self.n_pixels > 4096 else {}
             h5.create_dataset("pixels/counts", data=self.counts.astype(np.float32), **opts)
             h5.create_dataset("pixels/mask", data=self.mask.astype(bool), **opts)
+            for name, arr in (extra or {}).items():
+                arr = np.asarray(arr)
+                if arr.dtype.kind in "US":
+                    write_strings(h5, name, [str(x) for x in arr])
+                else:
+                    h5.create_dataset(name, data=arr)
             if self.truth is not None:
                 t = self.truth
                 h5.create_dataset("truth/energy_ev", data=np.asarray(t.energy_ev, np.float64))
                 write_strings(h5, "truth/site_names", t.site_names)
-                for name in ("fp", "fdp", "G", "background"):
-                    h5.create_dataset(f"truth/{name}", data=np.asarray(getattr(t, name), np.float64))
+                for name in ("fp", "fdp", "background") + Truth.LATTICE_FIELDS:
+                    if getattr(t, name) is not None:
+                        h5.create_dataset(f"truth/{name}", data=np.asarray(getattr(t, name), np.float64))
 
     def select_shoeboxes(self, keep):
         """Sub-dataset with the given shoeboxes; lattices are kept as they are.
@@ -328,7 +361,7 @@ class Dataset:
         sub.spectrum_weight = self.spectrum_weight[lattice_index]
         sub.sb_lattice = new_of_old[self.sb_lattice[keep_sb]].astype(np.int32)
         if self.truth is not None:
-            sub.truth = dataclasses.replace(sub.truth, G=self.truth.G[lattice_index])
+            sub.truth = sub.truth.select_lattices(lattice_index)
         return sub
 
 

@@ -133,6 +133,27 @@ class SimulationSettings:
         Draw Poisson counts (False: store the expected counts).
     chunk_lattices : int
         Lattices per chunk (bounds the memory of the channel weights).
+    cell_sigma_fraction : float
+        Per-lattice spread of the true cell: each edge is the cache's times
+        (1 + cell_sigma_fraction · N(0, 1)); angles are kept.
+    domain_size_log_sigma, mosaic_log_sigma : float
+        Per-lattice log-normal spread of the true domain size (one factor for N_a, N_b, N_c)
+        and mosaic spread around ``domain_size_cells`` and ``mosaic_spread_deg``.
+    model_rotation_deg : float
+        RMS angle of the rotation between the true orientation and the stored one
+        (random axis; σ = model_rotation_deg/√3 about each lab axis).
+    model_cell_fraction : float
+        Relative σ of the stored cell edges around the cache's cell (0: the stored crystal
+        models carry the cache's cell, as indexing against a target cell does).
+    spectrometer_offset_ev : float
+        The stored channel energies are the true ones minus this (a spectrometer
+        calibration error that refine_geometry's energy offset should find).
+    spectrum_jitter_ev : float
+        Per-shot σ of a further shift between the true and the stored spectrum (the stored
+        weights are the true ones moved by −jitter, rebinned, photons conserved).
+    gain_adu_per_photon, read_noise_adu : float
+        Detector: ADU = gain·photons + N(0, read_noise); the stored counts are the
+        photon-converted max(0, round(ADU/gain)) (exact photons when read_noise is 0).
     """
 
     n_lattices: int = 20
@@ -164,6 +185,15 @@ class SimulationSettings:
     min_spot_photons: float = 0.0
     poisson_noise: bool = True
     chunk_lattices: int = 32
+    cell_sigma_fraction: float = 0.0
+    domain_size_log_sigma: float = 0.0
+    mosaic_log_sigma: float = 0.0
+    model_rotation_deg: float = 0.0
+    model_cell_fraction: float = 0.0
+    spectrometer_offset_ev: float = 0.0
+    spectrum_jitter_ev: float = 0.0
+    gain_adu_per_photon: float = 1.0
+    read_noise_adu: float = 0.0
 
     def check(self):
         """Raise InputError naming the parameter for values that make no sense."""
@@ -213,6 +243,21 @@ class SimulationSettings:
             bad("n_sigma", f"must be positive, got {self.n_sigma}")
         if self.chunk_lattices < 1:
             bad("chunk_lattices", "must be at least 1")
+        for key, v in (("crystal.cell_sigma_fraction", self.cell_sigma_fraction),
+                       ("crystal.domain_size_log_sigma", self.domain_size_log_sigma),
+                       ("crystal.mosaic_log_sigma", self.mosaic_log_sigma),
+                       ("model_error.rotation_deg", self.model_rotation_deg),
+                       ("model_error.cell_fraction", self.model_cell_fraction),
+                       ("model_error.spectrum_jitter_ev", self.spectrum_jitter_ev),
+                       ("detector.read_noise_adu", self.read_noise_adu)):
+            if not (v >= 0 and math.isfinite(v)):
+                bad(key, f"must be >= 0, got {v}")
+        if not (self.cell_sigma_fraction < 0.05 and self.model_cell_fraction < 0.05):
+            bad("crystal.cell_sigma_fraction", "a cell spread of 5 % or more is not a crystal form")
+        if not math.isfinite(self.spectrometer_offset_ev) or abs(self.spectrometer_offset_ev) > 50:
+            bad("model_error.spectrometer_offset_ev", f"must be within ±50 eV, got {self.spectrometer_offset_ev}")
+        if not self.gain_adu_per_photon > 0:
+            bad("detector.gain_adu_per_photon", f"must be positive, got {self.gain_adu_per_photon}")
         for key, v in (("beam.direction", self.beam_direction),
                        ("beam.polarization_normal", self.polarization_normal)):
             if len(v) != 3 or not np.linalg.norm(v) > 0:
@@ -242,6 +287,7 @@ class SimulationSummary:
         """Human-readable report lines."""
         per = self.n_pixels / self.n_shoeboxes if self.n_shoeboxes else 0.0
         frac = self.bragg_counts / self.total_counts if self.total_counts else 0.0
+        bg_px = (self.total_counts - self.bragg_counts) / self.n_pixels if self.n_pixels else 0.0
         return [
             f"{self.n_lattices} lattices, {self.n_channels} spectrum channels",
             f"{self.n_predicted} reflections in diffraction condition in the annulus; dropped "
@@ -249,7 +295,8 @@ class SimulationSummary:
             f"{self.n_weak} below min_spot_photons",
             f"{self.n_shoeboxes} shoeboxes, {self.n_pixels} pixels ({per:.1f} per shoebox); "
             f"{self.lattices_without_shoebox} lattices without a shoebox",
-            f"expected photons: {self.total_counts:.4g} in all, Bragg fraction {frac:.3f}",
+            f"expected photons: {self.total_counts:.4g} in all, Bragg fraction {frac:.3f}, "
+            f"background {bg_px:.2f} photons/pixel",
             f"time {self.time_s:.1f} s",
         ]
 
@@ -411,6 +458,61 @@ def _bragg_expected(cache, det, energy_ev, weight, lat, sb_lat, sb_panel, sb_bbo
     return ds, out
 
 
+def _crystal_models(rng, settings, cell, U):
+    """True crystals of every lattice and the (erroneous) models stored in the dataset.
+
+    The draws are made in a fixed order and number whatever the settings, so a setting
+    changes only what it names.
+    """
+    n = len(U)
+    cell = np.asarray(cell, dtype=np.float64)
+    f_cell = rng.standard_normal((n, 3))
+    f_n = rng.standard_normal(n)
+    f_mosaic = rng.standard_normal(n)
+    rot = rng.standard_normal((n, 3))
+    f_stored = rng.standard_normal((n, 3))
+    jitter = rng.standard_normal(n)
+    B0 = b_matrix(cell)
+    cell_true = np.tile(cell, (n, 1))
+    A_true = U @ B0
+    if settings.cell_sigma_fraction > 0:
+        cell_true[:, :3] *= 1 + settings.cell_sigma_fraction * f_cell
+        A_true = np.stack([U[j] @ b_matrix(cell_true[j]) for j in range(n)])
+    N_true = np.tile(np.asarray(settings.domain_size_cells, float), (n, 1)) * \
+        np.exp(settings.domain_size_log_sigma * f_n)[:, None]
+    mosaic_true = settings.mosaic_spread_deg * np.exp(settings.mosaic_log_sigma * f_mosaic)
+    U_stored = U
+    if settings.model_rotation_deg > 0:
+        vec = np.radians(settings.model_rotation_deg / math.sqrt(3.0)) * rot
+        U_stored = np.stack([geometry.rotation_matrix(v, np.linalg.norm(v)) @ U[j]
+                             if np.linalg.norm(v) > 0 else U[j] for j, v in enumerate(vec)])
+    cell_stored = np.tile(cell, (n, 1))
+    cell_stored[:, :3] *= 1 + settings.model_cell_fraction * f_stored
+    A_stored = np.stack([U_stored[j] @ b_matrix(cell_stored[j]) for j in range(n)]) \
+        if (settings.model_rotation_deg > 0 or settings.model_cell_fraction > 0) else U @ B0
+    return {"A_true": A_true, "cell_true": cell_true, "N_true": N_true, "mosaic_true": mosaic_true,
+            "A_stored": A_stored, "jitter_ev": settings.spectrum_jitter_ev * jitter}
+
+
+def _stored_spectra(energy_ev, weight, settings, jitter_ev):
+    """Channel energies and spectra as the (miscalibrated) spectrometer reports them."""
+    from spread_tools.io.dials.spectra import rebin_spectrum
+    energy_stored = energy_ev - settings.spectrometer_offset_ev
+    if settings.spectrum_jitter_ev == 0:
+        return energy_stored, weight
+    stored = np.stack([rebin_spectrum(energy_ev - jitter_ev[j], weight[j], energy_ev)[0]
+                       for j in range(len(weight))])
+    return energy_stored, stored
+
+
+def _detected(rng, photons, settings):
+    """Photon-converted counts of a detector with gain and read noise (see SimulationSettings)."""
+    if settings.read_noise_adu == 0:
+        return photons
+    adu = settings.gain_adu_per_photon * photons + settings.read_noise_adu * rng.standard_normal(len(photons))
+    return np.maximum(np.rint(adu / settings.gain_adu_per_photon), 0.0)
+
+
 def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=False,
                      quiet=True, config_json="{}", weights_backend="cpu", log=None):
     """Simulate a SPREAD dataset with ground truth and write it to ``output``.
@@ -477,11 +579,10 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
     check_writable(output, overwrite)
 
     n_lat = settings.n_lattices
-    seeds = np.random.SeedSequence(settings.seed).spawn(5)
+    # children 0-4 are the streams of the ideal simulation; 5 draws the model errors
+    seeds = np.random.SeedSequence(settings.seed).spawn(6)
     rng_orient, rng_spec, rng_scale, rng_bg = (np.random.default_rng(s) for s in seeds[:4])
-    B = b_matrix(cache.cell)
     U = random_rotations(rng_orient, n_lat)
-    A = U @ B
     weight, centre_ev = sase_spectra(rng_spec, n_lat, energy_ev, settings.fluence,
                                      settings.centre_min_ev, settings.centre_max_ev,
                                      settings.envelope_fwhm_ev, settings.n_spikes,
@@ -494,15 +595,20 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
     d_hat = d_hat / np.linalg.norm(d_hat)
     pol_n = np.asarray(settings.polarization_normal, dtype=np.float64)
     pol_n = pol_n / np.linalg.norm(pol_n)
-    lat = {
-        "A": A,
+    models = _crystal_models(np.random.default_rng(seeds[5]), settings, cache.cell, U)
+    common = {
         "beam_direction": np.tile(d_hat, (n_lat, 1)),
         "polarization_normal": np.tile(pol_n, (n_lat, 1)),
         "polarization_fraction": np.full(n_lat, settings.polarization_fraction),
-        "domain_size_cells": np.tile(np.asarray(settings.domain_size_cells, float), (n_lat, 1)),
-        "mosaic_spread_deg": np.full(n_lat, settings.mosaic_spread_deg),
         "n_domains": np.full(n_lat, settings.n_domains, dtype=np.int32),
     }
+    # the crystals that make the counts, and the models stored in the dataset
+    lat = dict(common, A=models["A_true"], domain_size_cells=models["N_true"],
+               mosaic_spread_deg=models["mosaic_true"])
+    lat_stored = dict(common, A=models["A_stored"],
+                      domain_size_cells=np.tile(np.asarray(settings.domain_size_cells, float), (n_lat, 1)),
+                      mosaic_spread_deg=np.full(n_lat, settings.mosaic_spread_deg))
+    energy_stored, weight_stored = _stored_spectra(energy_ev, weight, settings, models["jitter_ev"])
     det = _detector_arrays(detector)
     k_mean = float(np.sum(weight * energy_ev) / np.sum(weight)) / HC_EV_A
     summary = SimulationSummary(n_lattices=n_lat, n_channels=len(energy_ev),
@@ -521,9 +627,9 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
             idx = np.arange(start, min(start + settings.chunk_lattices, n_lat))
             sb = {"lat": [], "panel": [], "bbox": [], "row": []}
             for j in idx:
-                rows, s1 = predict_reflections(A[j], hkl_ann, d_hat, energy_ev, weight[j],
-                                               settings.domain_size_cells,
-                                               settings.mosaic_spread_deg, settings.n_sigma)
+                rows, s1 = predict_reflections(lat["A"][j], hkl_ann, d_hat, energy_ev, weight[j],
+                                               lat["domain_size_cells"][j],
+                                               lat["mosaic_spread_deg"][j], settings.n_sigma)
                 summary.n_predicted += len(rows)
                 if len(rows) == 0:
                     continue
@@ -568,7 +674,8 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
                 pix_lat = np.repeat(sb_lat, sizes)
                 for j in np.unique(sb_lat):
                     m = pix_lat == j
-                    counts[m] = np.random.default_rng(noise_seeds[j]).poisson(expected[m])
+                    rng_noise = np.random.default_rng(noise_seeds[j])
+                    counts[m] = _detected(rng_noise, rng_noise.poisson(expected[m]), settings)
             else:
                 counts = expected
             summary.total_counts += float(expected.sum())
@@ -586,10 +693,10 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
         for name in ("origin_mm", "fast_axis", "slow_axis", "pixel_size_mm"):
             h5.create_dataset(f"detector/{name}", data=np.asarray(det[name], dtype=np.float64))
         h5.create_dataset("detector/image_size", data=np.asarray(det["image_size"], dtype=np.int32))
-        h5["detector"].attrs["gain"] = 1.0
-        h5.create_dataset("spectra/energy_ev", data=energy_ev)
-        h5.create_dataset("spectra/weight", data=weight)
-        for name, arr in lat.items():
+        h5["detector"].attrs["gain"] = float(settings.gain_adu_per_photon)
+        h5.create_dataset("spectra/energy_ev", data=energy_stored)
+        h5.create_dataset("spectra/weight", data=weight_stored)
+        for name, arr in lat_stored.items():
             dtype = np.int32 if name == "n_domains" else np.float64
             h5.create_dataset(f"lattices/{name}", data=np.asarray(arr, dtype=dtype))
         write_strings(h5, "lattices/identifier", [f"sim_{j:06d}" for j in range(n_lat)])
@@ -600,6 +707,13 @@ def simulate_dataset(cache, truth_tables, detector, settings, output, overwrite=
         h5.create_dataset("truth/G", data=G)
         h5.create_dataset("truth/spectrum_centre_ev", data=centre_ev)
         h5.create_dataset("truth/background_level", data=bg_level)
+        h5.create_dataset("truth/A", data=models["A_true"])
+        h5.create_dataset("truth/cell", data=models["cell_true"])
+        h5.create_dataset("truth/domain_size_cells", data=models["N_true"])
+        h5.create_dataset("truth/mosaic_spread_deg", data=models["mosaic_true"])
+        h5.create_dataset("truth/spectrum_offset_ev",
+                          data=settings.spectrometer_offset_ev + models["jitter_ev"])
+        h5.create_dataset("truth/spectrum_weight", data=weight)
         summary.n_shoeboxes = writer.n_sb
         summary.n_pixels = writer.n_pix
         summary.lattices_without_shoebox = int(np.sum(sb_per_lattice == 0))
