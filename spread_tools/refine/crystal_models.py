@@ -283,15 +283,20 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
     comm = comm or get_comm()
     root = comm.rank == 0
     say = (log if (log and root) else (lambda s: None))
+    empty = np.flatnonzero(np.bincount(ds.sb_lattice, minlength=ds.n_lattices) == 0)
+    if len(empty):
+        j = int(empty[0])
+        raise InputError(f"{ds.path}: lattice {j} ({ds.identifier[j]}) has no shoeboxes ({len(empty)} "
+                         f"such lattices): a lattice needs its spots; drop it from the dataset")
+    param = CellParameterization.for_spacegroup(ds.spacegroup, ds.cell)
+    fs = fit_settings(cfg, param, np.asarray(ds.cell, float), ds.n_domains)
+    curves = _site_curves(cfg, cache)
+    start = float(cfg.energy_offset.start_ev)
+    curves.check_covers(ds.energy_ev[0] + start - 20.0, ds.energy_ev[-1] + start + 20.0)
     prep = prepare_data([ds], cache, min_pixels=cfg.shoebox.min_pixels)
     for w in prep.warnings:
         say(f"warning: {w}")
     pds = prep.ds
-    param = CellParameterization.for_spacegroup(pds.spacegroup, pds.cell)
-    fs = fit_settings(cfg, param, np.asarray(pds.cell, float), pds.n_domains)
-    curves = _site_curves(cfg, cache)
-    start = float(cfg.energy_offset.start_ev)
-    curves.check_covers(pds.energy_ev[0] + start - 20.0, pds.energy_ev[-1] + start + 20.0)
     n_sb_lat = np.bincount(pds.sb_lattice, minlength=pds.n_lattices)
     candidate = np.flatnonzero(n_sb_lat >= cfg.lattice.min_shoeboxes)
     messages = list(prep.warnings)
@@ -308,7 +313,7 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
     lo, hi = blocks[comm.rank]
     mine = np.arange(lo, hi)
     rds = cds.select_lattices(mine)
-    say(f"{len(candidate)} lattices, {cds.n_shoeboxes} shoeboxes, {cds.n_pixels} pixels on "
+    say(f"{ds.path}: {len(candidate)} lattices, {cds.n_shoeboxes} shoeboxes, {cds.n_pixels} pixels on "
         f"{comm.size} rank(s); cell parameters {', '.join(param.names)} ({param.system}); "
         f"refining {_describe(fs)}; curves {'; '.join(curves.describe())}")
     if hi > lo:

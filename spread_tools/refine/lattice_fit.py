@@ -127,13 +127,18 @@ class Layout:
         self.m = c
 
     def names(self, cell_names):
-        """Name of every column of x."""
+        """Name of every column of x (``cell_names``: the free cell parameters)."""
         out = [""] * self.m
         for fam, idx in self.cols.items():
             for k, i in enumerate(idx):
-                out[i] = {"theta": f"rot_{'xyz'[k]}", "p": f"cell_{cell_names[k]}" if fam == "p" else "",
-                          "mosaic": "mosaic", "N": f"N_{'abc'[k]}" if len(idx) == 3 else "N",
-                          "dlat": "energy_offset", "g": "lnG"}[fam]
+                if fam == "theta":
+                    out[i] = f"rot_{'xyz'[k]}"
+                elif fam == "p":
+                    out[i] = f"cell_{cell_names[k]}"
+                elif fam == "N":
+                    out[i] = f"N_{'abc'[k]}" if len(idx) == 3 else "N"
+                else:
+                    out[i] = {"mosaic": "mosaic", "dlat": "energy_offset", "g": "lnG"}[fam]
         return out
 
     def transform(self, state):
@@ -453,6 +458,14 @@ class LatticeProblem:
         parts = {"sbs": sbs, "C": C, "Dinv": Dinv, "gB": gB, "starts": starts,
                  "gBDg": np.add.reduceat(gBDg, starts), "lat_of_sb": lat_of_sb}
         return S, rhs, parts
+
+    def gradient(self, st, ev):
+        """Gradient of every f_j: with respect to x (n_lat, m + 1, the last column the global
+        δ) and to the background planes (n_sb, 3)."""
+        lay = self.layout
+        T = lay.transform(st)[self.sb_lat]
+        g_x = self._per_lattice(np.einsum("sik,si->sk", T, ev.grad_sb[:, :lay.nG])) + self.prior(st)[1]
+        return g_x, ev.grad_sb[:, lay.nG:]
 
     def step(self, st, ev, mu, lattices):
         """Damped Gauss–Newton steps of the given lattices (global δ fixed).

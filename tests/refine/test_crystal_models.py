@@ -1,0 +1,154 @@
+"""Tests of refine_geometry's library entry point (spread_tools.refine.crystal_models) on
+small simulations: recovery of perturbed crystal models on the beamtime-like ly99 preset,
+exact models left in place, the energy offset, the per-lattice table and the flags."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spread_tools.cli.simulate_data import PRESETS, SCHEMA as SIM_SCHEMA, settings_from_config
+from spread_tools.config import resolve
+from spread_tools.errors import InputError
+from spread_tools.io.dataset import Dataset
+from spread_tools.model.crystal_params import rotation_angle_deg
+from spread_tools.physics.scattering import read_table
+from spread_tools.refine.crystal_models import (GEOMETRY_SCHEMA, QC_COLUMNS, lattice_table_csv,
+                                                refine_geometry, refined_dataset)
+from spread_tools.simulate.simulator import make_detector, simulate_dataset
+from spread_tools.structure.cache import SFCache
+
+TEST_DATA = Path(__file__).resolve().parents[2] / "test_data"
+
+
+def simulate(path, preset, *words):
+    cfg = resolve(SIM_SCHEMA, overrides=[f"preset={preset}", *words], presets=PRESETS)
+    truth = {"FE1": read_table(TEST_DATA / "spectra" / "pf-rd-ox_fftkk.out"),
+             "FE2": read_table(TEST_DATA / "spectra" / "pf-rd-red_fftkk.out")}
+    simulate_dataset(SFCache.read(TEST_DATA / "sf_cache.h5"), truth, make_detector(),
+                     settings_from_config(cfg), path)
+    return Dataset.read(path)
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return SFCache.read(TEST_DATA / "sf_cache.h5")
+
+
+@pytest.fixture(scope="module")
+def ly99(tmp_path_factory):
+    """Six beamtime-like lattices (ly99 preset; smaller boxes and 2 eV channels for speed)."""
+    return simulate(tmp_path_factory.mktemp("geo") / "ly99.h5", "ly99", "lattices=6", "seed=3",
+                    "shoebox_size=13", "spectrum.step_ev=2")
+
+
+@pytest.fixture(scope="module")
+def ly99_result(ly99, cache):
+    return refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=["refine.energy_offset=off",
+                                                                          "energy_offset.start_ev=2.0"]))
+
+
+def _errors(ds, A):
+    t = ds.truth
+    return np.array([rotation_angle_deg(A[j], t.A[j]) for j in range(ds.n_lattices)])
+
+
+def test_ly99_preset_stores_models_with_indexing_size_errors(ly99):
+    t = ly99.truth
+    rot = _errors(ly99, ly99.A)
+    assert 0.02 < np.sqrt(np.mean(rot ** 2)) < 0.12
+    assert np.std(t.cell[:, 0] / ly99.cell[0] - 1) > 5e-4
+    assert np.std(np.log(t.domain_size_cells[:, 0])) > 0.05
+    np.testing.assert_allclose(t.spectrum_offset_ev.mean(), 2.0, atol=0.3)
+    assert np.allclose(ly99.domain_size_cells, ly99.domain_size_cells[0])   # stored: nominal
+
+
+def test_refinement_recovers_the_true_crystal_models(ly99, ly99_result):
+    r, ds = ly99_result, ly99
+    k = r.kept
+    assert len(k) >= 5
+    before = _errors(ds, ds.A)[k]
+    after = _errors(ds, r.A)[k]
+    assert np.sqrt(np.mean(after ** 2)) < 0.4 * np.sqrt(np.mean(before ** 2))
+    sigma = r.table["rotation_sigma_deg"][k]
+    # per-axis error over σ: honest to a factor of two on six lattices
+    z = np.sqrt(np.mean((after / np.sqrt(3)) ** 2 / sigma ** 2))
+    assert 0.3 < z < 2.0, z
+    cell = np.stack([r.table[c] for c in "abc"], 1)[k]
+    err_after = np.sqrt(np.mean((cell / ds.truth.cell[k, :3] - 1) ** 2))
+    err_before = np.sqrt(np.mean((ds.truth.cell[k, :3] / ds.cell[:3] - 1) ** 2))
+    assert err_after < 0.5 * err_before
+    lnN = np.log(r.domain_size_cells[k, 0] / ds.truth.domain_size_cells[k, 0])
+    assert np.sqrt(np.mean(lnN ** 2)) < np.sqrt(np.mean(np.log(ds.domain_size_cells[k, 0] /
+                                                             ds.truth.domain_size_cells[k, 0]) ** 2))
+    t = r.table
+    have = np.isfinite(t["centroid_rmsd_start_px"][k])       # lattices with significant spots
+    assert have.sum() >= 4
+    assert np.all(t["centroid_rmsd_final_px"][k][have] < t["centroid_rmsd_start_px"][k][have])
+    assert np.all(t["nll_final"][k] < t["nll_start"][k])
+
+
+def test_table_covers_every_lattice_and_reloads(ly99, ly99_result, tmp_path):
+    text = lattice_table_csv(ly99_result.table)
+    lines = text.strip().splitlines()
+    assert lines[0].split(",") == list(QC_COLUMNS) and len(lines) == ly99.n_lattices + 1
+    out = refined_dataset(ly99, ly99_result)
+    out.write(tmp_path / "r.h5")
+    back = Dataset.read(tmp_path / "r.h5")
+    k = ly99_result.kept
+    np.testing.assert_array_equal(back.A, ly99_result.A[k])
+    np.testing.assert_allclose(back.energy_ev, ly99.energy_ev + 2.0)
+    assert back.truth is not None and np.array_equal(back.truth.A, ly99.truth.A[k])
+
+
+def test_exact_models_stay_within_their_sigma(tmp_path, cache):
+    ds = simulate(tmp_path / "ideal.h5", "ideal", "lattices=4", "seed=4", "spectrum.step_ev=2",
+                  "crystal.n_domains=4")
+    r = refine_geometry(ds, cache, resolve(GEOMETRY_SCHEMA, overrides=[
+        "refine.energy_offset=off", "refine.domain_size=off", "refine.mosaic_spread=False"]))
+    rot = _errors(ds, r.A)[r.kept] / np.sqrt(3)
+    assert np.all(rot < 4 * r.table["rotation_sigma_deg"][r.kept])
+    cell = np.stack([r.table[c] for c in "abc"], 1)[r.kept]
+    assert np.max(np.abs(cell / ds.cell[:3] - 1)) < 3e-4
+
+
+def test_global_energy_offset_is_found_when_the_cells_are_known(tmp_path, cache):
+    ds = simulate(tmp_path / "off.h5", "ideal", "lattices=4", "seed=6", "spectrum.step_ev=2",
+                  "crystal.n_domains=4", "model_error.spectrometer_offset_ev=2.0")
+    r = refine_geometry(ds, cache, resolve(GEOMETRY_SCHEMA, overrides=[
+        "cell.sigma_fraction=2e-5", "refine.domain_size=off", "refine.mosaic_spread=False"]))
+    assert abs(r.energy_offset_ev - 2.0) < 0.3, r.energy_offset_ev
+    steps = [m.get("offset_step_ev", 0.0) for m in r.macrocycles]
+    assert len(r.macrocycles) >= 2 and r.energy_offset_ev == pytest.approx(sum(steps))
+
+
+def test_too_few_shoeboxes_are_flagged_and_left_out(ly99, cache):
+    n_sb = np.bincount(ly99.sb_lattice)
+    cut = int(np.sort(n_sb)[1]) + 1
+    r = refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=[
+        f"lattice.min_shoeboxes={cut}", "refine.energy_offset=off"]))
+    flagged = np.flatnonzero(n_sb < cut)
+    assert set(r.table["status"][flagged]) == {"too_few_shoeboxes"}
+    assert not np.isin(flagged, r.kept).any()
+
+
+@pytest.mark.parametrize("words,fragment", [
+    (["cell.sigma_fraction=0"], "must be positive"),
+    (["cell.sigma_edges_a=0.04,0,0.15"], "must be positive"),
+    (["cell.sigma_angles_deg=-1"], "must be positive"),
+    (["cell.restrain=False"], "one parameter"),
+    (["curves.tables=FE1=__short__"], "covers"),
+    (["curves.tables=FE9=__short__"], "not in the SF cache"),
+])
+def test_bad_settings_are_one_clear_error(ly99, cache, tmp_path, words, fragment):
+    short = tmp_path / "short.dat"
+    short.write_text("7000 -4 3\n7050 -5 3.2\n")
+    words = [w.replace("__short__", str(short)) for w in words]
+    with pytest.raises(InputError, match=fragment):
+        refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=words))
+
+
+def test_lattice_without_shoeboxes_is_an_error(ly99, cache):
+    ds = ly99.select_shoeboxes(ly99.sb_lattice != 2)
+    with pytest.raises(InputError, match="lattice 2 .* has no shoeboxes"):
+        refine_geometry(ds, cache, resolve(GEOMETRY_SCHEMA))
