@@ -40,6 +40,9 @@ SCHEMA = {
         "file": P(None, "spectrum for every shot without its own: .lam CSV (header, then "
                         "wavelength in Å, weight) or HDF5 (energy_ev|wavelength_a, weight); "
                         "None: each shot's beam wavelength as one line", type=str, optional=True),
+        "offset_ev": P(0.0, "spectrometer calibration: added to every spectrum energy (true photon "
+                            "energy minus the reading; refine_geometry refines it further)",
+                       units="eV"),
         "fluence": P(None, "scale every shot's spectrum to this total (None: keep the file's "
                            "weights)", units="photons/Å²", type=float, optional=True),
     },
@@ -99,7 +102,7 @@ def settings_from_config(cfg):
     return ImportSettings(
         channels_min_ev=cfg.channels.min_ev, channels_max_ev=cfg.channels.max_ev,
         channels_step_ev=cfg.channels.step_ev, spectrum_file=cfg.spectrum.file,
-        fluence=cfg.spectrum.fluence, d_min_a=cfg.d_min, d_max_a=cfg.d_max,
+        fluence=cfg.spectrum.fluence, energy_offset_ev=cfg.spectrum.offset_ev, d_min_a=cfg.d_min, d_max_a=cfg.d_max,
         flags_require=tuple(cfg.flags.require), flags_reject=tuple(cfg.flags.reject),
         exclude_overlapped=cfg.mask.exclude_overlapped, foreground_only=cfg.mask.foreground_only,
         domain_size_cells=None if cfg.crystal.domain_size_cells is None else tuple(cfg.crystal.domain_size_cells),

@@ -80,6 +80,9 @@ GEOMETRY_SCHEMA = {
                            "dataset's channel energy)", units="eV"),
         "per_lattice_sigma_ev": P(0.5, "sigma of the per-shot offsets about the global one "
                                        "(energy_offset=per_lattice)", units="eV"),
+        "moves_intensity": P(False, "let the offset also move the energies at which the held f'/f'' "
+                                    "enter the intensities (off: the offset comes from the geometry "
+                                    "alone, so the held curves' edge cannot pull it)"),
     },
     "curves": {
         "reference": P("chantler", "f'/f'' of the sites without a table or result",
@@ -182,7 +185,8 @@ def fit_settings(cfg, param, ds_cell, n_domains):
         domain_size_bounds=(cfg.domain_size.min_cells, cfg.domain_size.max_cells),
         mosaic_bounds_deg=(cfg.mosaic.min_deg, cfg.mosaic.max_deg),
         max_iterations=opt.max_iterations, tol=opt.tol, max_macrocycles=opt.max_macrocycles,
-        offset_tol_ev=opt.offset_tol_ev, cut=DEFAULT_CUT).check()
+        offset_tol_ev=opt.offset_tol_ev, cut=DEFAULT_CUT,
+        offset_moves_intensity=cfg.energy_offset.moves_intensity).check()
 
 
 def _site_curves(cfg, cache):

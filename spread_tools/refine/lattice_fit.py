@@ -16,7 +16,9 @@ Parameters of a lattice (each family switchable, :class:`FitSettings`):
 * δ_j (eV, optional): a per-shot energy offset of the spectrometer, around the global δ;
 * g = ln G, and the log-linear background (b0, b1, b2) of every shoebox.
 
-The global energy offset δ (eV) is shared by all lattices.
+The global energy offset δ (eV) is shared by all lattices. It moves the channels' photon
+energies in the geometry (the Ewald spheres); the intensities stay at the starting
+energies unless ``offset_moves_intensity`` (see :meth:`LatticeProblem.prepare_intensities`).
 
 Solver
 ------
@@ -68,6 +70,7 @@ class FitSettings:
     max_macrocycles: int = 8
     offset_tol_ev: float = 0.01
     cut: float = DEFAULT_CUT
+    offset_moves_intensity: bool = False
 
     def check(self):
         """Raise InputError for settings that make no sense."""
@@ -363,9 +366,19 @@ class LatticeProblem:
         return self.batch.energy_ev[None, :] + (st.delta + d)[:, None]
 
     def prepare_intensities(self, st):
-        """Intensities at the current global δ and per-lattice δ_j (exact, then linear in δ_j)."""
-        self._I, self._dI = self.intensity(self.energies(st))
-        self._I_dlat = st.dlat.copy()
+        """Intensities at the current global δ and per-lattice δ_j (exact, then linear in δ_j).
+
+        Unless ``offset_moves_intensity``, the intensities stay those at the first state's
+        energies and do not move with the offsets: the held f′/f″ are what S1 refines next,
+        and letting their edge pull the energy offset would write the reference's edge into
+        the data (on simulated data with a measured edge 5 eV above Chantler's, the offset
+        then comes out 5 eV off). The offset is then determined by the geometry alone.
+        """
+        if self.fs.offset_moves_intensity or self._I is None:
+            self._I, self._dI = self.intensity(self.energies(st))
+            if not self.fs.offset_moves_intensity:
+                self._dI = np.zeros_like(self._dI)
+            self._I_dlat = st.dlat.copy()
 
     def shoeboxes_of(self, lattices):
         """Shoebox indices of the given lattices (in order)."""
@@ -387,7 +400,8 @@ class LatticeProblem:
             self._dminv[a:b] = dm
         il = self.batch.inverse_wavelength(st.delta + st.dlat)
         shift = (st.dlat - self._I_dlat)[self.sb_lat]
-        I_sb = self._I + self._dI * shift[:, None] if np.any(shift) else self._I
+        I_sb = self._I + self._dI * shift[:, None] if (np.any(shift) and self.fs.offset_moves_intensity) \
+            else self._I
         g = st.g if g_override is None else g_override
         sbs = self.shoeboxes_of(lat) if lattices is not None else None
         out = self.batch.evaluate(self._minv, self._dminv, self.dom_off, st.N, il, I_sb, self._dI,

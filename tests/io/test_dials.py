@@ -424,6 +424,17 @@ def test_export_import_round_trip(simulated, tmp_path):
     np.testing.assert_allclose(sub.spectrum_weight.sum(axis=1), 10.0, rtol=1e-9)
 
 
+def test_spectrometer_offset_shifts_every_spectrum(simulated, tmp_path):
+    """spectrum.offset_ev moves the spectra by whole channels here: weights shift, photons kept."""
+    lst = export_dials(simulated, tmp_path, lattices=[2])
+    step = float(simulated.energy_ev[1] - simulated.energy_ev[0])
+    base, _ = build_dataset(read_shot_list(lst), _settings(simulated))
+    moved, _ = build_dataset(read_shot_list(lst), _settings(simulated, energy_offset_ev=3 * step))
+    np.testing.assert_allclose(moved.spectrum_weight[0, 3:], base.spectrum_weight[0, :-3], rtol=1e-9, atol=1e-12)
+    with pytest.raises(InputError, match="spectrum.offset_ev"):
+        build_dataset(read_shot_list(lst), _settings(simulated, energy_offset_ev=float("nan")))
+
+
 def test_mask_bits_flags_and_clipping(tmp_path):
     """Mask bits (valid=1, overlapped=32, foreground=4), flags, trusted range and panel clipping."""
     el = read_expt(D / "cspad-single-image.expt")

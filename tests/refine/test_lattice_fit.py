@@ -17,7 +17,7 @@ from spread_tools.structure.cache import SFCache
 TEST_DATA = Path(__file__).resolve().parents[2] / "test_data"
 
 
-def make_problem(domain_size="anisotropic", offset="per_lattice"):
+def make_problem(domain_size="anisotropic", offset="per_lattice", moves=True):
     ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([2, 7])
     ds = ds.select_shoeboxes(np.r_[0:5, ds.n_shoeboxes - 5:ds.n_shoeboxes])
     cache = SFCache.read(TEST_DATA / "sf_cache.h5")
@@ -34,7 +34,8 @@ def make_problem(domain_size="anisotropic", offset="per_lattice"):
     param = CellParameterization.for_spacegroup(ds.spacegroup, ds.cell)
     target = param.free(ds.cell)
     fs = FitSettings(domain_size=domain_size, mosaic=True, offset=offset, cell_target=target,
-                     cell_sigma=np.r_[0.002 * target[:3], 0.1], cut=30.0)
+                     cell_sigma=np.r_[0.002 * target[:3], 0.1], cut=30.0,
+                     offset_moves_intensity=moves)
     prob = LatticeProblem(LatticeBatch(ds, backend="cpu", cut=30.0), ds, param, fs, intensity)
     U0, p0 = zip(*[split_orientation(ds.A[j], param) for j in range(ds.n_lattices)])
     st = prob.initial_state(np.array(U0), np.array(p0), delta=0.4)
@@ -55,9 +56,11 @@ def make_problem(domain_size="anisotropic", offset="per_lattice"):
 STEP = {"theta": 1e-7, "p": 1e-5, "mosaic": 1e-5, "N": 1e-5, "dlat": 1e-4, "g": 1e-6}
 
 
-@pytest.mark.parametrize("domain_size,offset", [("anisotropic", "per_lattice"), ("isotropic", "global")])
-def test_gradient_over_every_family_matches_finite_differences(domain_size, offset):
-    prob, st = make_problem(domain_size, offset)
+@pytest.mark.parametrize("domain_size,offset,moves", [("anisotropic", "per_lattice", True),
+                                                       ("isotropic", "global", True),
+                                                       ("off", "per_lattice", False)])
+def test_gradient_over_every_family_matches_finite_differences(domain_size, offset, moves):
+    prob, st = make_problem(domain_size, offset, moves)
     ev = prob.evaluate(st)
     g_x, g_b = prob.gradient(st, ev)
     lay = prob.layout

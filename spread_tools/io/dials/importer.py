@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +112,7 @@ class ImportSettings:
     channels_step_ev: float = 1.0
     spectrum_file: str | None = None
     fluence: float | None = None
+    energy_offset_ev: float = 0.0
     d_min_a: float | None = None
     d_max_a: float | None = None
     flags_require: tuple = ("integrated_sum",)
@@ -388,14 +390,19 @@ def build_dataset(shots, settings=None, config_json="{}", log=None):
     if not step > 0:
         raise InputError(f"parameter channels.step_ev: must be positive, got {step}")
     # default window: channel centres on multiples of the step, bins covering every sample
+    if not math.isfinite(st.energy_offset_ev) or abs(st.energy_offset_ev) > 100:
+        raise InputError(f"parameter spectrum.offset_ev: {st.energy_offset_ev} eV is not a spectrometer "
+                         f"calibration offset (within ±100 eV)")
+    # the spectrometer's calibration: true photon energy = its reading + offset
+    off = float(st.energy_offset_ev)
     lo = st.channels_min_ev if st.channels_min_ev is not None else \
-        step * round(min(lat.spectrum.energy_ev[0] for lat in lattices) / step)
+        step * round((min(lat.spectrum.energy_ev[0] for lat in lattices) + off) / step)
     hi = st.channels_max_ev if st.channels_max_ev is not None else \
-        step * round(max(lat.spectrum.energy_ev[-1] for lat in lattices) / step)
+        step * round((max(lat.spectrum.energy_ev[-1] for lat in lattices) + off) / step)
     channels = channel_grid(lo, hi, st.channels_step_ev)
     weights = np.zeros((len(lattices), len(channels)))
     for j, lat in enumerate(lattices):
-        w, kept = rebin_spectrum(lat.spectrum.energy_ev, lat.spectrum.weight, channels)
+        w, kept = rebin_spectrum(lat.spectrum.energy_ev + off, lat.spectrum.weight, channels)
         if kept <= 0:
             raise InputError(f"{lat.spectrum.source}: no photons within the channels "
                              f"{channels[0]:g}-{channels[-1]:g} eV")
