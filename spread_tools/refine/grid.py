@@ -28,8 +28,9 @@ def energy_grid(channel_ev, channel_weight, step_ev=4.0, min_ev=None, max_ev=Non
     step_ev : float
         Grid step (eV), > 0.
     min_ev, max_ev : float, optional
-        First grid energy, and upper limit (default: the channel range,
-        rounded up to a whole number of steps).
+        First grid energy, and upper limit (default: the first channel rounded down to a
+        whole eV, so that channels shifted by a refined energy offset keep a grid on round
+        energies, and the last channel rounded up to a whole number of steps).
 
     Returns
     -------
@@ -44,7 +45,7 @@ def energy_grid(channel_ev, channel_weight, step_ev=4.0, min_ev=None, max_ev=Non
     e = np.asarray(channel_ev, dtype=np.float64)
     if not (np.isfinite(step_ev) and step_ev > 0):
         raise InputError(f"parameter grid.step_ev: must be > 0 eV, got {step_ev}")
-    lo = float(e[0]) if min_ev is None else float(min_ev)
+    lo = float(math.floor(e[0] + 1e-9)) if min_ev is None else float(min_ev)
     hi = float(e[-1]) if max_ev is None else float(max_ev)
     if hi < lo:
         raise InputError(f"parameter grid.max_ev: {hi:g} eV is below grid.min_ev {lo:g} eV")

@@ -124,7 +124,8 @@ REFINE_SCHEMA = {
                "reference curve", type=list, item_type=str),
     "grid": {
         "step_ev": P(4.0, "energy step of the refined f'/f'' grid", units="eV"),
-        "min_ev": P(None, "first grid energy (None: the first spectrum channel)", units="eV",
+        "min_ev": P(None, "first grid energy (None: the first spectrum channel, rounded down to "
+                    "a whole eV)", units="eV",
                     type=float),
         "max_ev": P(None, "last grid energy at most (None: up to the last channel, rounded up "
                     "to a whole step)", units="eV", type=float),
