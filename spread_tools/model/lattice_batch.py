@@ -44,6 +44,7 @@ class BatchResult:
     fisher_sb: np.ndarray
     lam: np.ndarray = None
     bragg: np.ndarray = None
+    jac: np.ndarray = None
 
 
 class LatticeBatch:
@@ -106,7 +107,7 @@ class LatticeBatch:
         return np.ascontiguousarray((self.energy_ev[None, :] + off[:, None]) / HC_EV_A)
 
     def evaluate(self, minv, dminv, dom_off, nabc, il, I_sb, dI_sb, G, bg, want_lam=False,
-                 shoeboxes=None):
+                 shoeboxes=None, want_jac=False):
         """Per-shoebox NLL, gradient and Fisher information at the given crystal models.
 
         Parameters
@@ -132,6 +133,8 @@ class LatticeBatch:
             Also return λ and its Bragg part per pixel.
         shoeboxes : int array, optional
             Evaluate only these shoeboxes (default all); the other rows of the result are 0.
+        want_jac : bool
+            Also return the Jacobian row of λ of every pixel (n_pix, n_q + 8), masked or not.
 
         Returns
         -------
@@ -157,17 +160,20 @@ class LatticeBatch:
         fisher = np.zeros((self.n_sb, n_loc, n_loc))
         lam = np.zeros(self.n_pix if want_lam else 1)
         bragg = np.zeros_like(lam)
+        jac = np.zeros((self.n_pix if want_jac else 1, n_loc))
+        res = lambda: BatchResult(nll, grad, fisher, lam if want_lam else None,  # noqa: E731
+                                  bragg if want_lam else None, jac if want_jac else None)
         if len(sb_list) == 0:
-            return BatchResult(nll, grad, fisher, lam if want_lam else None, bragg if want_lam else None)
+            return res()
         if self.backend == "cuda":
-            self._evaluate_cuda(args, want_lam, lam, bragg, nll, grad, fisher)
+            self._evaluate_cuda(args, want_lam, lam, bragg, want_jac, jac, nll, grad, fisher)
         else:
             from spread_tools.model.kernels import geometry_cpu
             geometry_cpu.lattice_model(*args, self.oversample, self.cut, bool(want_lam), lam, bragg,
-                                       nll, grad, fisher)
-        return BatchResult(nll, grad, fisher, lam if want_lam else None, bragg if want_lam else None)
+                                       bool(want_jac), jac, nll, grad, fisher)
+        return res()
 
-    def _evaluate_cuda(self, args, want_lam, lam, bragg, nll, grad, fisher):
+    def _evaluate_cuda(self, args, want_lam, lam, bragg, want_jac, jac, nll, grad, fisher):
         from numba import cuda
 
         from spread_tools.model.kernels import geometry_cuda
@@ -178,9 +184,11 @@ class LatticeBatch:
         static_ids = {id(self.static[name]): name for name in static_names}
         dev_args = [self._dev[static_ids[id(a)]] if id(a) in static_ids else cuda.to_device(a)
                     for a in args]
-        outs = [cuda.to_device(x) for x in (lam, bragg, nll, grad, fisher)]
+        hosts = (lam, bragg, jac, nll, grad, fisher)
+        outs = [cuda.to_device(x) for x in hosts]
         geometry_cuda.lattice_model[len(args[-1]), geometry_cuda.TPB](
-            *dev_args, self.oversample, self.cut, bool(want_lam), *outs)
+            *dev_args, self.oversample, self.cut, bool(want_lam), outs[0], outs[1], bool(want_jac),
+            *outs[2:])
         cuda.synchronize()
-        for host, dev in zip((lam, bragg, nll, grad, fisher), outs):
+        for host, dev in zip(hosts, outs):
             dev.copy_to_host(host)

@@ -70,10 +70,14 @@ GEOMETRY_SCHEMA = {
     "domain_size": {
         "min_cells": P(3.0, "lower bound of N_a, N_b, N_c", units="cells"),
         "max_cells": P(2000.0, "upper bound of N_a, N_b, N_c", units="cells"),
+        "log_sigma": P(0.3, "weak prior: sigma of ln N about the dataset's value (None: none)",
+                       type=float, optional=True),
     },
     "mosaic": {
         "min_deg": P(0.001, "lower bound of the mosaic spread", units="deg"),
         "max_deg": P(2.0, "upper bound of the mosaic spread", units="deg"),
+        "log_sigma": P(0.3, "weak prior: sigma of ln(mosaic spread) about the dataset's value "
+                            "(None: none)", type=float, optional=True),
     },
     "energy_offset": {
         "start_ev": P(0.0, "start value of the global offset (true photon energy minus the "
@@ -182,6 +186,7 @@ def fit_settings(cfg, param, ds_cell, n_domains):
         rotation=r.rotation, cell=r.cell, domain_size=r.domain_size, mosaic=r.mosaic_spread,
         offset=r.energy_offset, cell_sigma=sigma, cell_target=target,
         offset_sigma_ev=cfg.energy_offset.per_lattice_sigma_ev,
+        mosaic_log_sigma=cfg.mosaic.log_sigma, domain_size_log_sigma=cfg.domain_size.log_sigma,
         domain_size_bounds=(cfg.domain_size.min_cells, cfg.domain_size.max_cells),
         mosaic_bounds_deg=(cfg.mosaic.min_deg, cfg.mosaic.max_deg),
         max_iterations=opt.max_iterations, tol=opt.tol, max_macrocycles=opt.max_macrocycles,

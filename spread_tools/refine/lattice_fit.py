@@ -63,6 +63,8 @@ class FitSettings:
     cell_sigma: np.ndarray = None       # (n_free,) σ of the cell prior, None: no prior
     cell_target: np.ndarray = None      # (n_free,) its centre
     offset_sigma_ev: float = 0.5        # per-lattice δ_j prior
+    mosaic_log_sigma: float = 0.3       # prior on ln η about the stored value (None: none)
+    domain_size_log_sigma: float = 0.3  # prior on ln N about the stored value (None: none)
     domain_size_bounds: tuple = (3.0, 2000.0)
     mosaic_bounds_deg: tuple = (1e-3, 2.0)
     max_iterations: int = 40
@@ -90,6 +92,10 @@ class FitSettings:
             raise InputError("parameter cell.sigma: every restraint sigma must be positive")
         if not self.offset_sigma_ev > 0:
             raise InputError("parameter energy_offset.per_lattice_sigma_ev: must be positive")
+        for key, v in (("mosaic.log_sigma", self.mosaic_log_sigma),
+                       ("domain_size.log_sigma", self.domain_size_log_sigma)):
+            if v is not None and not v > 0:
+                raise InputError(f"parameter {key}: must be positive (or None), got {v}")
         return self
 
 
@@ -171,7 +177,8 @@ class Layout:
 
 
 def _logistic(u):
-    return 1.0 / (1.0 + np.exp(-u))
+    from scipy.special import expit
+    return expit(u)
 
 
 def _logit(s):
@@ -193,6 +200,7 @@ class CrystalState:
     mosaic_deg: np.ndarray
     N: np.ndarray
     N0: np.ndarray
+    mosaic0: np.ndarray
     u_mosaic: np.ndarray
     u_N: np.ndarray
     dlat: np.ndarray
@@ -233,6 +241,7 @@ class Evaluation:
     f_lat: np.ndarray
     lam: np.ndarray = None
     bragg: np.ndarray = None
+    jac: np.ndarray = None
 
     def take(self, other, lattices, shoeboxes):
         """Copy rows of ``other`` for the given lattices/shoeboxes (in place)."""
@@ -285,7 +294,7 @@ class LatticeProblem:
         N = np.asarray(ds.domain_size_cells, dtype=np.float64).reshape(n, 3).copy()
         mos = np.asarray(ds.mosaic_spread_deg, dtype=np.float64).copy()
         st = CrystalState(U0=np.asarray(U0, float), theta=np.zeros((n, 3)), p=np.asarray(p0, float).copy(),
-                          mosaic_deg=mos, N=N, N0=N.copy(), u_mosaic=np.zeros(n),
+                          mosaic_deg=mos, N=N, N0=N.copy(), mosaic0=mos.copy(), u_mosaic=np.zeros(n),
                           u_N=np.zeros((n, 3 if fs.domain_size == "anisotropic" else 1)),
                           dlat=np.zeros(n), g=np.zeros(n), bg=self._initial_background(), delta=float(delta))
         if fs.mosaic:
@@ -387,8 +396,9 @@ class LatticeProblem:
             return np.zeros(0, np.int64)
         return np.concatenate([np.arange(self.lat_sb_off[j], self.lat_sb_off[j + 1]) for j in lattices])
 
-    def evaluate(self, st, lattices=None, want_lam=False, g_override=None):
-        """Kernel results and f_j at ``st`` for the given lattices (default all)."""
+    def evaluate(self, st, lattices=None, want_lam=False, g_override=None, want_jac=False):
+        """Kernel results and f_j at ``st`` for the given lattices (default all); with
+        ``want_jac`` also every pixel's Jacobian row of λ over the kernel's local columns."""
         fs = self.fs
         lat = np.arange(st.n_lat) if lattices is None else np.asarray(lattices, dtype=np.int64)
         for j in lat:
@@ -405,9 +415,9 @@ class LatticeProblem:
         g = st.g if g_override is None else g_override
         sbs = self.shoeboxes_of(lat) if lattices is not None else None
         out = self.batch.evaluate(self._minv, self._dminv, self.dom_off, st.N, il, I_sb, self._dI,
-                                  np.exp(g), st.bg, want_lam=want_lam, shoeboxes=sbs)
+                                  np.exp(g), st.bg, want_lam=want_lam, shoeboxes=sbs, want_jac=want_jac)
         f_lat = self._per_lattice(out.nll_sb) + self.prior(st)[0]
-        return Evaluation(out.nll_sb, out.grad_sb, out.fisher_sb, f_lat, out.lam, out.bragg)
+        return Evaluation(out.nll_sb, out.grad_sb, out.fisher_sb, f_lat, out.lam, out.bragg, out.jac)
 
     def prior(self, st):
         """Priors per lattice: value (n_lat,), gradient (n_lat, m+1), Hessian diagonal (n_lat, m+1)."""
@@ -426,6 +436,23 @@ class LatticeProblem:
             f += 0.5 * st.dlat ** 2 * inv2
             g[:, lay.cols["dlat"][0]] = st.dlat * inv2
             h[:, lay.cols["dlat"][0]] = inv2
+        # weak priors on ln η and ln N about the stored values (Gauss–Newton curvature)
+        if fs.mosaic and fs.mosaic_log_sigma is not None:
+            inv2 = 1.0 / fs.mosaic_log_sigma ** 2
+            d = np.log(st.mosaic_deg / st.mosaic0)
+            c = lay.cols["mosaic"][0]
+            f += 0.5 * d * d * inv2
+            g[:, c] = d * inv2 * st.mosaic_dlog
+            h[:, c] = inv2 * st.mosaic_dlog ** 2
+        if fs.domain_size != "off" and fs.domain_size_log_sigma is not None:
+            inv2 = 1.0 / fs.domain_size_log_sigma ** 2
+            d = np.log(st.N / st.N0)
+            if fs.domain_size == "isotropic":
+                d = d[:, :1]
+            for i, c in enumerate(lay.cols["N"]):
+                f += 0.5 * d[:, i] ** 2 * inv2
+                g[:, c] = d[:, i] * inv2 * st.N_dlog[:, i]
+                h[:, c] = inv2 * st.N_dlog[:, i] ** 2
         return f, g, h
 
     # ------------------------------------------------------------------ linear algebra

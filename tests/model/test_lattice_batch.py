@@ -59,7 +59,7 @@ class Point:
         self.g = np.log(ds.truth.G) + 0.1
         self.bg = ds.truth.background + [0.05, 0.01, -0.01]
 
-    def evaluate(self, want_lam=False):
+    def evaluate(self, want_lam=False, want_jac=False):
         mats, dms, off = [], [], [0]
         for j in range(self.ds.n_lattices):
             mi, dm, _ = domain_matrices(self.U0[j], self.theta[j], self.param, self.p[j], self.eta[j],
@@ -71,7 +71,7 @@ class Point:
         I_sb = self.I0 + self.dI * self.delta[self.ds.sb_lattice][:, None]
         return self.batch.evaluate(np.concatenate(mats), np.concatenate(dms), np.array(off),
                                    np.exp(self.lnN), il, I_sb, self.dI, np.exp(self.g), self.bg,
-                                   want_lam=want_lam)
+                                   want_lam=want_lam, want_jac=want_jac)
 
 
 def test_bragg_part_matches_the_s1_channel_weights(small):
@@ -160,7 +160,8 @@ def test_fisher_is_sum_of_jacobian_outer_products(small):
     """The Fisher information against J Jᵀ/λ from finite-difference Jacobians of λ."""
     ds, I_sb, dI_sb = small
     pt = Point(ds, I_sb, dI_sb)
-    out = pt.evaluate(want_lam=True)
+    ds.mask[ds.pixel_offset[0] + 3] = False          # a masked pixel still gets its Jacobian row
+    out = pt.evaluate(want_lam=True, want_jac=True)
     k0 = 0
     pix = slice(ds.pixel_offset[k0], ds.pixel_offset[k0 + 1])
     cols = [c for fam in FAMILIES for (_, c) in _columns(pt, fam)]
@@ -178,7 +179,9 @@ def test_fisher_is_sum_of_jacobian_outer_products(small):
             J[:, col] = (lp - lm) / (2 * h)
     m = ds.mask[pix]
     F = (J[m] / out.lam[pix][m, None]).T @ J[m]
+    ds.mask[ds.pixel_offset[0] + 3] = True
     np.testing.assert_allclose(out.fisher_sb[k0], F, rtol=2e-4, atol=1e-6 * np.abs(F).max())
+    np.testing.assert_allclose(out.jac[pix][:, :J.shape[1]], J, rtol=2e-4, atol=1e-6 * np.abs(J).max())
 
 
 @pytest.mark.parametrize("cut,tol", [(DEFAULT_CUT, 1e-5), (EXACT_CUT, 1e-9)])
@@ -233,12 +236,12 @@ res = {}
 for backend in ("cpu", "cuda"):
     pt = T.Point(ds, I_sb, dI, backend=backend)
     pt.batch.oversample = 2
-    a = pt.evaluate(want_lam=True)
-    b = pt.evaluate(want_lam=True)
+    a = pt.evaluate(want_lam=True, want_jac=True)
+    b = pt.evaluate(want_lam=True, want_jac=True)
     res[backend] = (a, bool(np.array_equal(a.fisher_sb, b.fisher_sb) and np.array_equal(a.nll_sb, b.nll_sb)))
 out = {"tpb": geometry_cuda.TPB, "n_pix_sb": int(np.diff(ds.pixel_offset).max()),
        "cuda_repeat_identical": res["cuda"][1]}
-for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg"):
+for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg", "jac"):
     x, y = getattr(res["cpu"][0], key), getattr(res["cuda"][0], key)
     out[key] = float(np.max(np.abs(x - y)) / np.max(np.abs(x)))
 print("RESULT" + json.dumps(out))
@@ -256,5 +259,5 @@ def test_cuda_kernel_matches_cpu_in_the_simulator():
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1][len("RESULT"):])
     assert r["cuda_repeat_identical"] and r["n_pix_sb"] > 2 * r["tpb"]   # three chunks per block
-    for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg"):
+    for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg", "jac"):
         assert r[key] <= 1e-12, (key, r[key])

@@ -125,6 +125,7 @@ class ImportSettings:
     gain: float | None = None
     images_file: str | None = None
     images_dataset: str = "data"
+    predictions_only: bool = False
     cell: tuple | None = None
     cell_tolerance: float = 0.03
     detector_tolerance_mm: float = 1e-3
@@ -203,6 +204,18 @@ def _pixels(bbox, data, mbits, panel, info, gain, st):
     if not use.any():
         return None
     return cx0, cx1, cy0, cy1, counts.astype(np.float32).ravel(), use.ravel()
+
+
+def _empty_boxes(table):
+    """Reader of every reflection's bbox with zero counts, all pixels valid (for model spots)."""
+    bboxes, panels = table["bbox"], table["panel"] if "panel" in table else None
+
+    def box(r):
+        x0, x1, y0, y1, z0, z1 = (int(v) for v in bboxes[r])
+        shape = (max(z1 - z0, 1), y1 - y0, x1 - x0)
+        return (int(panels[r]) if panels is not None else 0, bboxes[r], np.zeros(shape),
+                np.full(shape, MASK_CODES["valid"] | MASK_CODES["foreground"], np.int32))
+    return box
 
 
 class _Images:
@@ -328,6 +341,8 @@ def build_dataset(shots, settings=None, config_json="{}", log=None):
                 iset = el.imagesets[exp.imageset] if exp.imageset is not None else {}
                 sfi = iset.get("single_file_indices")
                 box = images.reader(table, sfi[0] if sfi else k, detector)
+            elif st.predictions_only:
+                box = _empty_boxes(table)
             else:
                 raise InputError(f"{table.path}: no 'shoebox' column; integrate with shoeboxes kept "
                                  f"(e.g. dials.stills_process ... output.shoeboxes=True) or give the "

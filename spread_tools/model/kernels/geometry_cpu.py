@@ -33,7 +33,8 @@ _terms = numba.njit(cache=True)(pixel_terms)
 @numba.njit(parallel=True, cache=True)
 def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, porig, pfast, pslow,
                   pnorm, ppix, pix_off, bbox, sb_lat, sb_panel, h0, I_sb, dI_sb, G, bg, counts, mask,
-                  sb_list, oversample, cut, want_lam, lam_out, bragg_out, nll_sb, grad_sb, fisher_sb):
+                  sb_list, oversample, cut, want_lam, lam_out, bragg_out, want_jac, jac_out, nll_sb, grad_sb,
+                  fisher_sb):
     """Per-shoebox NLL, gradient and Fisher information (see the module docstring).
 
     ``minv`` (n_dom_total, 3, 3) and ``dminv`` (n_dom_total, n_q, 3, 3) are (R_d A)⁻¹ and
@@ -42,7 +43,8 @@ def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, pori
     those energies and its slope per eV. Only the shoeboxes in ``sb_list`` are evaluated;
     their rows are written in ``nll_sb`` (n_sb,), ``grad_sb`` (n_sb, n_loc),
     ``fisher_sb`` (n_sb, n_loc, n_loc) with n_loc = n_q + 8, and, when ``want_lam``,
-    ``lam_out``/``bragg_out`` (n_pix,): λ and its Bragg part G·S.
+    ``lam_out``/``bragg_out`` (n_pix,): λ and its Bragg part G·S, and when ``want_jac``
+    ``jac_out`` (n_pix, n_loc): the Jacobian row of λ of every pixel, masked or not.
     """
     n_q = dminv.shape[1]
     n_loc = n_q + N_EXTRA
@@ -81,10 +83,8 @@ def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, pori
             if want_lam:
                 lam_out[p] = lam
                 bragg_out[p] = bragg
-            if not mask[p]:
+            if not (mask[p] or want_jac):
                 continue
-            kk = np.float64(counts[p])
-            nll += lam - kk * math.log(lam) if kk != 0.0 else lam
             for q in range(n_q):
                 jr[q] = gj * out[1 + q]
             jr[n_q] = gj * out[i_n]
@@ -95,6 +95,13 @@ def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, pori
             jr[n_q + 5] = bgp
             jr[n_q + 6] = bgp * xh
             jr[n_q + 7] = bgp * yh
+            if want_jac:
+                for a in range(n_loc):
+                    jac_out[p, a] = jr[a]
+            if not mask[p]:
+                continue
+            kk = np.float64(counts[p])
+            nll += lam - kk * math.log(lam) if kk != 0.0 else lam
             r = 1.0 - kk / lam
             inv = 1.0 / lam
             for a in range(n_loc):

@@ -29,7 +29,8 @@ _terms = cuda.jit(device=True)(pixel_terms)
 @cuda.jit
 def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, porig, pfast, pslow,
                   pnorm, ppix, pix_off, bbox, sb_lat, sb_panel, h0, I_sb, dI_sb, G, bg, counts, mask,
-                  sb_list, oversample, cut, want_lam, lam_out, bragg_out, nll_sb, grad_sb, fisher_sb):
+                  sb_list, oversample, cut, want_lam, lam_out, bragg_out, want_jac, jac_out, nll_sb, grad_sb,
+                  fisher_sb):
     """Per-shoebox NLL, gradient and Fisher information; arguments as the CPU kernel
     (one block per entry of ``sb_list``)."""
     k = sb_list[cuda.blockIdx.x]
@@ -80,11 +81,7 @@ def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, pori
             if want_lam:
                 lam_out[p] = lam
                 bragg_out[p] = bragg
-            if mask[p]:
-                kk = float64(counts[p])
-                sh_nll[t] = lam - kk * math.log(lam) if kk != 0.0 else lam
-                sh_r[t] = 1.0 - kk / lam
-                sh_inv[t] = 1.0 / lam
+            if mask[p] or want_jac:
                 for q in range(n_q):
                     sh_j[t, q] = gj * out[1 + q]
                 sh_j[t, n_q] = gj * out[i_n]
@@ -95,6 +92,14 @@ def lattice_model(minv, dminv, dom_off, s0hat, pol_n, pol_f, nabc, il, phi, pori
                 sh_j[t, n_q + 5] = bgp
                 sh_j[t, n_q + 6] = bgp * xh
                 sh_j[t, n_q + 7] = bgp * yh
+                if want_jac:
+                    for a in range(n_loc):
+                        jac_out[p, a] = sh_j[t, a]
+            if mask[p]:
+                kk = float64(counts[p])
+                sh_nll[t] = lam - kk * math.log(lam) if kk != 0.0 else lam
+                sh_r[t] = 1.0 - kk / lam
+                sh_inv[t] = 1.0 / lam
         cuda.syncthreads()
         n_here = min(TPB, end - start)
         for e in range(_PER_THREAD):
