@@ -106,7 +106,7 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, quiet):
         t = result.table
         k = result.kept
         typer.echo(f"{SCRIPT}: kept {len(k)} of {ds.n_lattices} lattices; energy offset "
-                   f"{result.energy_offset_ev:+.3f} eV; median rotation change "
+                   f"{result.energy_offset_ev:+.3f} ± {result.energy_offset_sigma_ev:.3f} eV; median rotation change "
                    f"{_median(t['rotation_change_deg'][k]):.4f} deg; median centroid RMSD "
                    f"{_median(t['centroid_rmsd_start_px'][k]):.3f} -> "
                    f"{_median(t['centroid_rmsd_final_px'][k]):.3f} px; "

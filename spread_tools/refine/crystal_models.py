@@ -135,6 +135,7 @@ class GeometryResult:
     domain_size_cells: np.ndarray    # (n_lat_input, 3)
     mosaic_spread_deg: np.ndarray    # (n_lat_input,)
     energy_offset_ev: float
+    energy_offset_sigma_ev: float    # from the profiled curvature (NaN when not refined)
     lattice_offset_ev: np.ndarray    # (n_lat_input,) per-shot offsets on top of the global one
     macrocycles: list
     messages: list
@@ -377,9 +378,23 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
                 st, ev, info = prob.fit(st)
                 converged, iterations = info["converged"], iterations + info["iterations"]
             break
+    delta_sigma = float("nan")
+    if fs.offset != "off":
+        c = prob.offset_terms(st, ev)[1] if hi > lo else np.zeros(0)
+        C = _ordered_sum(comm, c, counts)
+        delta_sigma = 1.0 / math.sqrt(C) if C > 0 else float("inf")
+        say(f"energy offset {delta:+.3f} ± {delta_sigma:.3f} eV")
+        if delta_sigma > 0.5:
+            messages.append(f"the energy offset is poorly determined by {len(candidate)} lattices "
+                            f"(± {delta_sigma:.2f} eV); with a calibrated spectrometer use "
+                            f"refine.energy_offset=off")
+            say(f"warning: {messages[-1]}")
     table_local = _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg) if hi > lo else None
-    return _collect(comm, ds, prep, candidate, counts, table_local, param, delta, history, messages,
-                    t0, cfg, say)
+    result = _collect(comm, ds, prep, candidate, counts, table_local, param, delta, history, messages,
+                      t0, cfg, say)
+    if result is not None:
+        result.energy_offset_sigma_ev = delta_sigma
+    return result
 
 
 def _describe(fs):
@@ -479,6 +494,7 @@ def _collect(comm, ds, prep, candidate, counts, local, param, delta, history, me
     N = np.stack([table[c] for c in ("N_a", "N_b", "N_c")], 1)
     return GeometryResult(table=table, kept=kept, A=A, domain_size_cells=N,
                           mosaic_spread_deg=table["mosaic_deg"], energy_offset_ev=float(delta),
+                          energy_offset_sigma_ev=float("nan"),
                           lattice_offset_ev=dlat, macrocycles=history, messages=messages,
                           time_s=time.perf_counter() - t0)
 
@@ -534,5 +550,6 @@ def table_extras(result):
     macrocycle history."""
     extra = {f"geometry_refinement/{c}": np.asarray(result.table[c]) for c in QC_COLUMNS}
     extra["geometry_refinement/energy_offset_ev"] = np.array([result.energy_offset_ev])
+    extra["geometry_refinement/energy_offset_sigma_ev"] = np.array([result.energy_offset_sigma_ev])
     extra["geometry_refinement/history_json"] = np.array([json.dumps(result.macrocycles)])
     return extra

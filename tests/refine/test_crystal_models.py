@@ -118,6 +118,8 @@ def test_global_energy_offset_is_found_when_the_cells_are_known(tmp_path, cache)
     r = refine_geometry(ds, cache, resolve(GEOMETRY_SCHEMA, overrides=[
         "cell.sigma_fraction=2e-5", "refine.domain_size=off", "refine.mosaic_spread=False"]))
     assert abs(r.energy_offset_ev - 2.0) < 0.3, r.energy_offset_ev
+    # the reported σ is honest to a factor 3 (one draw) and small with known cells
+    assert 0 < r.energy_offset_sigma_ev < 0.3 and abs(r.energy_offset_ev - 2.0) < 3 * r.energy_offset_sigma_ev + 0.05
     steps = [m.get("offset_step_ev", 0.0) for m in r.macrocycles]
     assert len(r.macrocycles) >= 2 and r.energy_offset_ev == pytest.approx(sum(steps))
 
@@ -152,3 +154,22 @@ def test_lattice_without_shoeboxes_is_an_error(ly99, cache):
     ds = ly99.select_shoeboxes(ly99.sb_lattice != 2)
     with pytest.raises(InputError, match="lattice 2 .* has no shoeboxes"):
         refine_geometry(ds, cache, resolve(GEOMETRY_SCHEMA))
+
+
+def test_per_shot_offsets_move_each_spectrum_onto_the_common_channels(ly99, cache):
+    # with the cells fixed, a shot's offset is set by its spots (free cells would absorb it; here
+    # it also absorbs the true cell spread of the preset, which only the cells can tell apart)
+    r = refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=[
+        "refine.energy_offset=per_lattice", "refine.cell=False", "optimizer.max_macrocycles=3"]))
+    k = r.kept
+    off = r.lattice_offset_ev[k]
+    assert np.max(np.abs(off)) > 0.05
+    out = refined_dataset(ly99, r)
+    before = ly99.spectrum_weight[k]
+    # photons are conserved up to what a shift pushes past the ends of the channel window
+    np.testing.assert_allclose(out.spectrum_weight.sum(axis=1), before.sum(axis=1), rtol=0.05)
+    centroid = lambda w, e: (w * e).sum(axis=1) / w.sum(axis=1)  # noqa: E731
+    moved = centroid(out.spectrum_weight, ly99.energy_ev) - centroid(before, ly99.energy_ev)
+    inside = np.abs(out.spectrum_weight.sum(axis=1) / before.sum(axis=1) - 1) < 1e-6   # nothing lost
+    assert inside.sum() >= 3
+    np.testing.assert_allclose(moved[inside], off[inside], atol=0.01)
