@@ -25,7 +25,7 @@ from spread_tools.errors import InputError
 from spread_tools.model.geometry import HC_EV_A
 from spread_tools.model.kernels.geometry_cpu import N_EXTRA
 from spread_tools.model.kernels.pixel_terms import MAX_Q
-from spread_tools.model.pixel import resolve_backend
+from spread_tools.model.pixel import kernel_inputs, resolve_backend
 
 __all__ = ["LatticeBatch", "BatchResult", "DEFAULT_CUT"]
 
@@ -67,29 +67,12 @@ class LatticeBatch:
         if self.oversample < 1 or self.oversample != oversample:
             raise InputError(f"oversample: {oversample} must be a positive integer")
         self.cut = float(cut)
-        c = np.ascontiguousarray
-        bd = np.asarray(ds.beam_direction, dtype=np.float64).reshape(-1, 3)
-        pol_n = np.asarray(ds.polarization_normal, dtype=np.float64).reshape(-1, 3)
-        fast = np.asarray(ds.fast_axis, dtype=np.float64).reshape(-1, 3)
-        slow = np.asarray(ds.slow_axis, dtype=np.float64).reshape(-1, 3)
-        fast = fast / np.linalg.norm(fast, axis=1, keepdims=True)
-        slow = slow / np.linalg.norm(slow, axis=1, keepdims=True)
-        self.static = {
-            "s0hat": c(-bd / np.linalg.norm(bd, axis=1, keepdims=True)),
-            "pol_n": c(pol_n / np.linalg.norm(pol_n, axis=1, keepdims=True)),
-            "pol_f": c(np.asarray(ds.polarization_fraction, dtype=np.float64).reshape(-1)),
-            "phi": c(np.asarray(ds.spectrum_weight, dtype=np.float64).reshape(ds.n_lattices, -1)),
-            "porig": c(np.asarray(ds.origin_mm, dtype=np.float64).reshape(-1, 3)),
-            "pfast": c(fast), "pslow": c(slow), "pnorm": c(np.cross(fast, slow)),
-            "ppix": c(np.asarray(ds.pixel_size_mm, dtype=np.float64).reshape(-1, 2)),
-            "pix_off": c(np.asarray(ds.pixel_offset, dtype=np.int64)),
-            "bbox": c(np.asarray(ds.sb_bbox, dtype=np.int64).reshape(-1, 4)),
-            "sb_lat": c(np.asarray(ds.sb_lattice, dtype=np.int64)),
-            "sb_panel": c(np.asarray(ds.sb_panel, dtype=np.int64)),
-            "h0": c(np.asarray(ds.sb_miller_index, dtype=np.float64).reshape(-1, 3)),
-            "counts": c(np.asarray(ds.counts, dtype=np.float32)),
-            "mask": c(np.asarray(ds.mask, dtype=np.bool_)),
-        }
+        kin = kernel_inputs(ds)
+        self.static = {name: kin[name] for name in (
+            "s0hat", "pol_n", "pol_f", "phi", "porig", "pfast", "pslow", "pnorm", "ppix", "pix_off", "bbox",
+            "sb_lat", "sb_panel", "h0")}
+        self.static["counts"] = np.ascontiguousarray(ds.counts, dtype=np.float32)
+        self.static["mask"] = np.ascontiguousarray(ds.mask, dtype=np.bool_)
         self.energy_ev = np.asarray(ds.energy_ev, dtype=np.float64)
         self.n_lat = int(ds.n_lattices)
         self.n_sb = int(ds.n_shoeboxes)
