@@ -20,7 +20,7 @@ import numpy as np
 from spread_tools.model.crystal_params import CellParameterization, domain_matrices, split_orientation
 from spread_tools.model.geometry import pixel_to_lab_mm
 from spread_tools.model.lattice_batch import LatticeBatch
-from spread_tools.refine.lattice_fit import FitSettings, LatticeProblem
+from spread_tools.refine.lattice_fit import FitSettings, LatticeProblem, solve_batched
 
 __all__ = ["CentroidFit", "fit_centroids", "model_centroids", "parallax_map"]
 
@@ -138,7 +138,7 @@ def fit_centroids(ds, observed_px, weight, to_dials=None, rotation=True, cell=Tr
         g = prob._per_lattice(np.einsum("si,si,sim->sm", wt, r, J))
         H = H + mu[:, None, None] * np.diagonal(H, axis1=1, axis2=2)[:, :, None] * np.eye(len(geo))
         dx = np.zeros((ds.n_lattices, lay.m))
-        dx[:, geo] = -np.linalg.solve(H, g[..., None])[..., 0]
+        dx[:, geo] = -solve_batched(H, g)
         idx = np.flatnonzero(active)
         trial = prob.apply(st, idx, dx[idx], np.zeros((0, 3)), np.zeros(0, np.int64))
         cen_t, dcen_t = model_centroids(prob, trial, to_dials)

@@ -48,7 +48,7 @@ from spread_tools.errors import InputError
 from spread_tools.model.crystal_params import domain_matrices
 from spread_tools.model.lattice_batch import DEFAULT_CUT
 
-__all__ = ["FitSettings", "Layout", "CrystalState", "Evaluation", "LatticeProblem"]
+__all__ = ["FitSettings", "Layout", "CrystalState", "Evaluation", "LatticeProblem", "solve_batched"]
 
 
 @dataclasses.dataclass
@@ -517,7 +517,7 @@ class LatticeProblem:
             ``decrement`` = −gᵀΔ (with μ = 0 it is gᵀF⁻¹g).
         """
         S, rhs, parts = self.systems(st, ev, mu, lattices)
-        dx = -_solve(S, rhs)
+        dx = -solve_batched(S, rhs)
         dxs = dx[parts["lat_of_sb"]]
         dB = -np.einsum("sij,sj->si", parts["Dinv"], parts["gB"] + np.einsum("skj,sk->sj", parts["C"], dxs))
         dec = -np.einsum("lk,lk->l", rhs, dx) + parts["gBDg"]
@@ -612,8 +612,8 @@ class LatticeProblem:
         S, rhs, parts = self.systems(st, ev, np.zeros(st.n_lat), lat, with_delta=True)
         m = self.layout.m
         Sxx, Sxd = S[:, :m, :m], S[:, :m, m]
-        a = _solve(Sxx, rhs[:, :m])
-        b = _solve(Sxx, Sxd)
+        a = solve_batched(Sxx, rhs[:, :m])
+        b = solve_batched(Sxx, Sxd)
         h = rhs[:, m] - np.einsum("lk,lk->l", Sxd, a)
         c = S[:, m, m] - np.einsum("lk,lk->l", Sxd, b)
         self._offset_parts = (S, rhs, parts)
@@ -623,7 +623,7 @@ class LatticeProblem:
         """State moved by a global Δδ with every lattice at its linear response."""
         S, rhs, parts = self._offset_parts
         m = self.layout.m
-        dx = -_solve(S[:, :m, :m], rhs[:, :m] + S[:, :m, m] * d_delta)
+        dx = -solve_batched(S[:, :m, :m], rhs[:, :m] + S[:, :m, m] * d_delta)
         C = parts["C"]
         dxs = dx[parts["lat_of_sb"]]
         dB = -np.einsum("sij,sj->si", parts["Dinv"], parts["gB"] + np.einsum("skj,sk->sj", C[:, :m], dxs)
@@ -638,7 +638,7 @@ class LatticeProblem:
         return np.linalg.pinv(S)
 
 
-def _solve(S, b):
+def solve_batched(S, b):
     """Batched solve of symmetric systems, falling back to the pseudo-inverse when singular."""
     try:
         return np.linalg.solve(S, b[..., None])[..., 0]
