@@ -109,13 +109,15 @@ class SpreadCommand(typer.core.TyperCommand):
 
     usage_line = None
     example = None
+    script = None
 
     def make_context(self, info_name, args, parent=None, **extra):
         """Parse the command line; a usage error becomes one line (exit status 2)."""
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except UsageError as exc:
-            raise _OneLineUsageError(info_name or self.name, exc.format_message()) from None
+            raise _OneLineUsageError(self.script or info_name or self.name,
+                                     exc.format_message()) from None
 
     def collect_usage_pieces(self, ctx):
         """The usage line naming the inputs (``usage_line``), else click's."""
@@ -134,6 +136,16 @@ class SpreadCommand(typer.core.TyperCommand):
         super().format_epilog(ctx, formatter)
 
 
+class _App(typer.Typer):
+    """A typer app whose commands are :class:`SpreadCommand` s that know the script name."""
+
+    def command(self, *args, cls=None, **kwargs):
+        cls = cls or SpreadCommand
+        if isinstance(cls, type) and issubclass(cls, SpreadCommand):
+            cls = type("Command", (cls,), {"script": self.info.name})
+        return super().command(*args, cls=cls, **kwargs)
+
+
 def make_app(name, help_text):
     """A typer application configured the same way for every script.
 
@@ -148,7 +160,7 @@ def make_app(name, help_text):
     -------
     typer.Typer
     """
-    return typer.Typer(name=name, help=help_text, add_completion=False,
+    return _App(name=name, help=help_text, add_completion=False,
                        no_args_is_help=False, rich_markup_mode=None,
                        pretty_exceptions_enable=False,
                        context_settings={"help_option_names": ["-h", "--help"]})

@@ -242,13 +242,12 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
                                    weights_backend=cfg.backend)
 
         def log(msg):
-            if not quiet:
-                typer.echo(f"{SCRIPT}: {msg}")
+            typer.echo(f"{SCRIPT}: {msg}")
         log(f"SF cache {cache_path}: cell {' '.join(f'{x:g}' for x in cache.cell)}, "
             f"{cache.spacegroup}, sites {', '.join(cache.site_names)}, {cache.n_h} reflections")
         for line in summary.lines():
             log(line)
-        typer.echo(f"{SCRIPT}: wrote {output} ({summary.n_shoeboxes} shoeboxes, {summary.n_pixels} pixels)")
+        log(f"wrote {output} ({summary.n_shoeboxes} shoeboxes, {summary.n_pixels} pixels)")
 
 
 def main():

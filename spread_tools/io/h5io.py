@@ -39,7 +39,7 @@ from spread_tools.errors import InputError
 
 __all__ = ["check_writable", "check_readable", "open_checked", "read_array", "write_strings",
            "atomic_writer", "atomic_write_text", "atomic_output", "atomic_files", "init_h5",
-           "OutputLock", "lock_path", "script_run", "note_input", "os_error_message"]
+           "OutputLock", "lock_path", "script_run", "note_input", "os_error_message", "open_h5"]
 
 
 # --------------------------------------------------------------------------- runs, inputs, locks
@@ -119,6 +119,7 @@ def lock_path(path):
     return path.with_name(path.name + ".lock")
 
 
+_EFFECTIVE = os.access in os.supports_effective_ids     # permissions of the effective user
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
@@ -293,7 +294,7 @@ def check_writable(path, overwrite=False, inputs=()):
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not os.access(parent, os.W_OK | os.X_OK, effective_ids=_EFFECTIVE):
         raise InputError(f"{path}: cannot write into folder {parent} (permission denied or "
                          f"read-only file system)")
     if path.exists():
@@ -527,7 +528,7 @@ def check_readable(path, note=True):
         raise InputError(f"{path}: no such file")
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a file")
-    if not os.access(path, os.R_OK):
+    if not os.access(path, os.R_OK, effective_ids=_EFFECTIVE):
         raise InputError(f"{path}: cannot read (permission denied)")
     if note:
         note_input(path)
@@ -538,6 +539,45 @@ def _is_lock_error(exc):
     text = str(exc).lower()
     return ("unable to lock file" in text or "resource temporarily unavailable" in text
             or getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK))
+
+
+def open_h5(path, what="HDF5 file"):
+    """Open any HDF5 input read-only; failures become one line that says what is wrong.
+
+    Parameters
+    ----------
+    path : str or Path
+    what : str
+        What the file should be, for the message (``"HDF5 spectrum file"``).
+
+    Returns
+    -------
+    h5py.File
+
+    Raises
+    ------
+    InputError
+        ``"<path>: is locked by another process ..."`` (HDF5 file locking: another
+        program has it open for writing; the file is not damaged),
+        ``"<path>: damaged or truncated <what> (...)"``, ``"<path>: not an <what>"``,
+        or the operating system's reason (permission denied, ...).
+    """
+    path = Path(path)
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if _is_lock_error(exc):
+            raise InputError(f"{path}: is locked by another process (HDF5 file locking: a "
+                             f"program has it open for writing; the file is not damaged); wait "
+                             f"until it has closed the file") from None
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(8)
+        except OSError as exc2:
+            raise InputError(os_error_message(exc2, path)) from None
+        if magic == b"\x89HDF\r\n\x1a\n":
+            raise InputError(f"{path}: damaged or truncated {what} ({_reason(exc)})") from None
+        raise InputError(f"{path}: not an {what}") from None
 
 
 def open_checked(path, fmt, max_version=1, note=True):
@@ -567,22 +607,7 @@ def open_checked(path, fmt, max_version=1, note=True):
         of a newer version.
     """
     path = check_readable(path, note=note)
-    try:
-        h5 = h5py.File(path, "r")
-    except OSError as exc:
-        if _is_lock_error(exc):
-            raise InputError(f"{path}: is locked by another process (HDF5 file locking: a "
-                             f"program has it open for writing); wait until it has closed the "
-                             f"file") from None
-        try:
-            with open(path, "rb") as fh:
-                magic = fh.read(8)
-        except OSError as exc2:
-            raise InputError(os_error_message(exc2, path)) from None
-        if magic == b"\x89HDF\r\n\x1a\n":
-            reason = " ".join(str(exc).split())
-            raise InputError(f"{path}: damaged or truncated HDF5 file ({reason})") from None
-        raise InputError(f"{path}: not an HDF5 file") from None
+    h5 = open_h5(path)
     found = h5.attrs.get("format")
     if isinstance(found, bytes):
         found = found.decode()
