@@ -15,7 +15,12 @@ words of ``refine_fdp``):
 One JSON line per setting and site, over the grid points inside ``--window`` (default
 7090–7150 eV, where every SASE envelope covers the grid), for f′ and f″:
 
-* ``rms_z_data``: rms of (refined − truth)/σ on the dataset's counts (1 = honest σ);
+Each figure is given for the reported σ (``reported``: with ``uncertainty.calibrate``, the
+default, the restraints' bias is included, :mod:`spread_tools.refine.calibration`) and for the
+posterior σ alone (``posterior``, (F + H)⁻¹):
+
+* ``rms_z_data``: rms of (refined − truth)/σ on the dataset's counts (1 = honest σ), also over
+  the whole grid (``rms_z_data_full_grid``, ``frac_beyond_1sigma_data_full_grid``);
 * ``rms_z_bias``: rms of (noise-free − truth)/σ (the bias in units of σ);
 * ``sd_ratio``: rms over points of (scatter over replicates)/(mean reported σ)
   (1 = the σ describes the noise; it tests the Fisher information with the profiled
@@ -30,8 +35,8 @@ One JSON line per setting and site, over the grid points inside ``--window`` (de
     python benchmarks/sigma_calibration.py test_data/dataset.h5 [-s test_data/sf_cache.h5] \\
         [--replicates 20] [--setting "label:key=value key=value"] ... > calibration.jsonl
 
-Default settings: ``defaults`` (the refine_fdp defaults) and ``no_restraints``
-(both Sauter terms off). Wall times depend on the machine's load.
+Default settings: ``defaults`` (the refine_fdp defaults), ``kk`` (f″ Sauter off, KK on)
+and ``no_restraints`` (both Sauter terms off). Wall times depend on the machine's load.
 """
 
 import argparse
@@ -48,6 +53,7 @@ sys.path.insert(0, str(REPO))
 
 SETTINGS = [
     ("defaults", []),
+    ("kk", ["restraints.fdp.mean=None", "restraints.kramers_kronig.use=True"]),
     ("no_restraints", ["restraints.fp.mean=None", "restraints.fdp.mean=None"]),
 ]
 
@@ -55,8 +61,7 @@ SETTINGS = [
 def expected_counts(ds, cache, reference="chantler"):
     """λ_true of every pixel of ``ds`` from its truth/ group (the simulator's pixel model)."""
     from spread_tools.model.pixel import PixelModel
-    from spread_tools.simulate.simulator import truth_at_channels  # noqa: F401 (documents origin)
-    from spread_tools.structure.factors import structure_factors
+        from spread_tools.structure.factors import structure_factors
     t = ds.truth
     e = ds.energy_ev
     if not np.allclose(t.energy_ev, e):
@@ -135,23 +140,31 @@ def main(argv=None):
             line = {"what": "calibration", "setting": label, "words": words, "site": name,
                     "replicates": len(reps), "window_ev": list(args.window)}
             for kind, key in (("fp", "fp"), ("fdp", "fdp")):
-                truth = tg[name][0 if key == "fp" else 1][w]
-                sig = getattr(res_data, key + "_sigma")[s][w]
-                z_data = (getattr(res_data, key)[s][w] - truth) / sig
-                z_bias = (getattr(res_free, key)[s][w] - truth) / getattr(res_free, key + "_sigma")[s][w]
+                truth_all = tg[name][0 if key == "fp" else 1]
+                truth = truth_all[w]
+                est = getattr(res_data, key)[s]
                 vals = np.array([getattr(r, key)[s][w] for r in reps])
-                sigs = np.array([getattr(r, key + "_sigma")[s][w] for r in reps])
-                z_rep = (vals - truth) / sigs
                 sd = vals.std(axis=0, ddof=1) if len(reps) > 1 else np.full(w.sum(), np.nan)
-                line[kind] = {
-                    "rms_z_data": float(np.sqrt(np.mean(z_data ** 2))),
-                    "rms_err_data": float(np.sqrt(np.mean((z_data * sig) ** 2))),
-                    "median_sigma": float(np.median(sig)),
-                    "rms_z_bias": float(np.sqrt(np.mean(z_bias ** 2))),
-                    "sd_ratio": float(np.sqrt(np.mean((sd / sigs.mean(axis=0)) ** 2))),
-                    "rms_z_replicates": float(np.sqrt(np.mean(z_rep ** 2))),
-                    "frac_within_1sigma": float(np.mean(np.abs(z_rep) <= 1.0)),
-                }
+                line[kind] = {}
+                for which, attr in (("reported", key + "_sigma"), ("posterior", key + "_sigma_posterior")):
+                    sig_all = getattr(res_data, attr)[s]
+                    sig = sig_all[w]
+                    z_data = (est[w] - truth) / sig
+                    z_bias = (getattr(res_free, key)[s][w] - truth) / getattr(res_free, attr)[s][w]
+                    sigs = np.array([getattr(r, attr)[s][w] for r in reps])
+                    z_rep = (vals - truth) / sigs
+                    line[kind][which] = {
+                        "rms_z_data": float(np.sqrt(np.mean(z_data ** 2))),
+                        "rms_z_data_full_grid": float(np.sqrt(np.mean(((est - truth_all) / sig_all) ** 2))),
+                        "frac_beyond_1sigma_data_full_grid": float(np.mean(np.abs(est - truth_all) > sig_all)),
+                        "median_sigma": float(np.median(sig)),
+                        "rms_z_bias": float(np.sqrt(np.mean(z_bias ** 2))),
+                        "sd_ratio": float(np.sqrt(np.mean((sd / sigs.mean(axis=0)) ** 2))),
+                        "rms_z_replicates": float(np.sqrt(np.mean(z_rep ** 2))),
+                        "frac_within_1sigma": float(np.mean(np.abs(z_rep) <= 1.0)),
+                    }
+                line[kind]["rms_err_data"] = float(np.sqrt(np.mean((est[w] - truth) ** 2)))
+            line["restraint_scales"] = res_data.restraint_scales
             line["converged"] = [bool(res_data.converged), bool(res_free.converged),
                                  int(sum(r.converged for r in reps))]
             line["wall_s"] = round(wall, 1)

@@ -49,7 +49,7 @@ CHECKPOINT_VERSION = 2
 
 #: S1 parameters that do not change the answer (a checkpoint written with other values is accepted).
 _OPERATIONAL = ("optimizer.max_macrocycles", "checkpoint.path", "checkpoint.keep",
-                "checkpoint.interval_s", "backend")
+                "checkpoint.interval_s", "uncertainty.calibrate", "backend")
 
 
 def signal_name(signum):

@@ -93,6 +93,7 @@ import numpy as np
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
+from spread_tools.refine.calibration import calibrated_covariance, restraint_parts
 from spread_tools.refine.checkpoint import (
     Checkpointer,
     answer_config,
@@ -148,6 +149,12 @@ REFINE_SCHEMA = {
     "shoebox": {
         "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
     },
+    "uncertainty": {
+        "calibrate": P(True, "include the restraints' bias in sigma (the restraints' pull at "
+                       "the curve the data ask for, spread_tools.refine.calibration); False: "
+                       "the posterior sigma (F + H)^-1 alone, which counts the restraints as "
+                       "information"),
+    },
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
@@ -189,6 +196,10 @@ class RefineResult:
     sf_cache: str = ""
     warnings: list = dataclasses.field(default_factory=list)
     x: np.ndarray = None
+    fp_sigma_posterior: np.ndarray = None
+    fdp_sigma_posterior: np.ndarray = None
+    uncertainty: str = "posterior"
+    restraint_scales: dict = dataclasses.field(default_factory=dict)
 
 
 def _start_curves(cfg, problem):
@@ -406,13 +417,29 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
     f_final, _ = drv.call(_CMD_EVAL, x)
     t_unc = time.perf_counter()
     F = drv.call(_CMD_FISHER, x)
-    cov = _invert(F)
+    cov_post = _invert(F)
+    cov, calibration = cov_post, {"tau": [], "pull": np.zeros(p.n_glob), "names": []}
+    if cfg.uncertainty.calibrate and p.restraints.terms:
+        parts = restraint_parts(p, x)
+        calibration = calibrated_covariance(F - p.restraint_hessian(x), parts, x[:p.n_glob],
+                                            cov_post)
+        cov = calibration["covariance"]
+        calibration["names"] = [q.name for q in parts]
+        scales = ", ".join(f"{q.name} x{t:.2f}" for q, t in zip(parts, calibration["tau"])
+                           if q.scalable)
+        say(f"restraint bias included in sigma (uncertainty.calibrate): the data ask for "
+            f"restraint sigmas {scales or '(none scaled)'}; largest pull "
+            f"{float(np.max(np.abs(calibration['pull']), initial=0.0)):.3f} e-")
     say(f"uncertainties from the profiled Fisher information in {time.perf_counter() - t_unc:.2f} s")
     fp, fdp, g, b = p.split(x)
     n = p.n_ref * p.n_grid
-    sig = np.sqrt(np.where(np.diag(cov) >= 0, np.diag(cov), np.nan))
-    fp_sigma = sig[:n].reshape(p.n_ref, p.n_grid)
-    fdp_sigma = sig[n:].reshape(p.n_ref, p.n_grid)
+
+    def sigmas(c):
+        d = np.diag(c)
+        sg = np.sqrt(np.where(d >= 0, d, np.nan))
+        return sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid)
+    fp_sigma, fdp_sigma = sigmas(cov)
+    fp_sigma_post, fdp_sigma_post = sigmas(cov_post)
     edges, edge_s = [], []
     for s in range(p.n_ref):
         idx = n + s * p.n_grid + np.arange(p.n_grid)
@@ -432,7 +459,10 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         objective=float(f_final), n_ranks=p.comm.size, n_evaluations=drv.n_eval,
         restraints=p.restraints.active, config_json=p.cfg.to_json(),
         datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
-        warnings=list(prepared.warnings), x=x)
+        warnings=list(prepared.warnings), x=x, fp_sigma_posterior=fp_sigma_post,
+        fdp_sigma_posterior=fdp_sigma_post,
+        uncertainty="calibrated" if cov is not cov_post else "posterior",
+        restraint_scales=dict(zip(calibration["names"], calibration["tau"])))
 
 
 # --------------------------------------------------------------------------- result IO
@@ -492,6 +522,11 @@ def write_result(path, result, overwrite=False):
             h5.attrs["restraints"] = json.dumps(result.restraints)
             h5.attrs["warnings"] = json.dumps(result.warnings)
             h5.attrs["covariance_order"] = "fp (site-major, grid), then fdp (site-major, grid)"
+            for k in ("fp_sigma_posterior", "fdp_sigma_posterior"):
+                if getattr(result, k, None) is not None:
+                    h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+            h5.attrs["uncertainty"] = str(getattr(result, "uncertainty", "posterior"))
+            h5.attrs["restraint_scales"] = json.dumps(getattr(result, "restraint_scales", {}) or {})
         with open(tmp_csv, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
     return csv_path
@@ -519,7 +554,7 @@ def read_result(path):
         n = (len(out["site_names"]), len(out["energy_ev"]))
         for k in ("fp", "fdp"):
             out[k] = read_array(h5, k, np.float64, shape=n)
-        for k in ("fp_sigma", "fdp_sigma"):
+        for k in ("fp_sigma", "fdp_sigma", "fp_sigma_posterior", "fdp_sigma_posterior"):
             out[k] = read_array(h5, k, np.float64, shape=n) if k in h5 else np.full(n, np.nan)
         for k in ("edge_ev", "edge_sigma_ev", "lattice_G", "shoebox_background", "covariance"):
             if k in h5:
@@ -530,7 +565,8 @@ def read_result(path):
             out["config"] = json.loads(str(h5.attrs.get("config", "{}")))
         except json.JSONDecodeError:
             out["config"] = {}
-        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks"):
+        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks",
+                  "uncertainty", "restraint_scales"):
             if k in h5.attrs:
                 v = h5.attrs[k]
                 out[k] = v.decode() if isinstance(v, bytes) else v
