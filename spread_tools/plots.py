@@ -69,7 +69,7 @@ def curves_from_result(path, label=None):
     """
     from spread_tools.refine.s1 import read_result
     res = read_result(path)
-    label = label or Path(path).stem
+    label = label or Path(path).name
     return {n: Curve(label, n, res["energy_ev"], res["fp"][i], res["fdp"][i], res["fp_sigma"][i],
                      res["fdp_sigma"][i]) for i, n in enumerate(res["site_names"])}
 

@@ -111,7 +111,7 @@ def _pinv(A):
     return (V * inv) @ V.T
 
 
-def calibrated_covariance(F_data, parts, x_glob, cov_posterior, max_iter=300, tol=1e-6,
+def calibrated_covariance(F_data, parts, x_glob, cov_posterior, max_iter=300, tol=1e-5,
                           tau_range=(1e-2, 1e2)):
     """Covariance of the global parameters including the restraints' bias (module docstring).
 

@@ -23,7 +23,7 @@ def toy(truth, sigma_data, sigma_restraint, rng):
     return x, post, cal
 
 
-def rms_z(truth, sigma_data, sigma_restraint, n_rep=40, seed=1):
+def rms_z(truth, sigma_data, sigma_restraint, n_rep=25, seed=1):
     rng = np.random.default_rng(seed)
     zp, zc, taus = [], [], []
     for _ in range(n_rep):
@@ -48,7 +48,7 @@ def test_stiff_restraint_on_an_edge_undercovers_and_calibration_repairs_it():
 def test_extreme_stiffness_is_only_partly_repaired():
     """Documented limit: when the restraint supplies nearly all the information the pull is
     evaluated at a curve that is still too smooth, and σ stays somewhat small."""
-    post, cal, _ = rms_z(EDGE, np.full(N, 1.0), 0.1, n_rep=30)
+    post, cal, _ = rms_z(EDGE, np.full(N, 1.0), 0.1, n_rep=15)
     assert post > 2.5 and cal < 0.55 * post
 
 
@@ -62,7 +62,7 @@ def test_smooth_truth_keeps_the_posterior_sigma():
 
 
 def test_strong_data_leave_sigma_alone():
-    post, cal, _ = rms_z(EDGE, np.full(N, 0.02), 0.1, n_rep=30)
+    post, cal, _ = rms_z(EDGE, np.full(N, 0.02), 0.1, n_rep=15)
     assert 0.85 < post < 1.2 and 0.85 < cal < 1.2
 
 
