@@ -61,7 +61,7 @@ SETTINGS = [
 def expected_counts(ds, cache, reference="chantler"):
     """λ_true of every pixel of ``ds`` from its truth/ group (the simulator's pixel model)."""
     from spread_tools.model.pixel import PixelModel
-        from spread_tools.structure.factors import structure_factors
+    from spread_tools.structure.factors import structure_factors
     t = ds.truth
     e = ds.energy_ev
     if not np.allclose(t.energy_ev, e):
