@@ -2,8 +2,10 @@
 # The SPREAD chain on the embedded test data, as a beamline scientist would run it:
 #   cache_sf -> refine_geometry -> refine_fdp -> plot_curves -> kk_check
 # Usage: bash bin/spread_example.sh [OUTDIR] [--overwrite]
-# test_data/dataset.h5 was made by simulate_data (see test_data/README.md); the last step
-# re-simulates a small dataset to show that script too.
+# The dataset is the embedded test_data/dataset.h5 (40 simulated lattices, made by
+# simulate_data with the command in test_data/README.md); this script does not simulate.
+# With 40 lattices the restraints carry much of the information: the reported sigma
+# includes their bias (uncertainty.calibrate, the default), see the README.
 set -euo pipefail
 out=${1:-example_out}
 shift || true

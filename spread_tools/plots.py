@@ -2,7 +2,7 @@
 residuals against the truth, and a shoebox gallery (data, model, residual).
 
 All functions draw with matplotlib's object API (no global state) and write
-through :func:`spread_tools.h5io.atomic_output`, so a failed plot never leaves
+through :func:`spread_tools.io.h5io.atomic_output`, so a failed plot never leaves
 a half-written file. The format follows the file suffix (``.png``, ``.pdf``,
 ``.svg``).
 """
@@ -69,7 +69,7 @@ def curves_from_result(path, label=None):
     """
     from spread_tools.refine.s1 import read_result
     res = read_result(path)
-    label = label or Path(path).stem
+    label = label or Path(path).name
     return {n: Curve(label, n, res["energy_ev"], res["fp"][i], res["fdp"][i], res["fp_sigma"][i],
                      res["fdp_sigma"][i]) for i, n in enumerate(res["site_names"])}
 
@@ -110,9 +110,23 @@ def save_figure(fig, output, overwrite=False, dpi=150):
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=output.suffix[1:].lower())
 
 
+def _legend_label(curve):
+    """What a curve is, for the legend: a refinement result, a reference table or the truth."""
+    if curve.kind == "truth":
+        return "truth (simulation)"
+    if curve.kind == "table":
+        return f"table: {curve.label}"
+    return f"result: {curve.label}"
+
+
 def plot_curves(results, truth=None, tables=(), sites=None, energy_range_ev=None, residual=True,
                 title=None):
     """Figure of f′ and f″ per site: results with ±1σ bands, truth, reference tables.
+
+    One row of panels per site (titled with the site name; f′ left, f″ right), with a
+    residual panel (result − truth) under each when a truth is given, and one legend
+    for the whole figure that names what every curve is (``result: <label> ± 1σ``,
+    ``table: <file>``, ``truth (simulation)``).
 
     Parameters
     ----------
@@ -136,6 +150,7 @@ def plot_curves(results, truth=None, tables=(), sites=None, energy_range_ev=None
     matplotlib.figure.Figure
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
     results = list(results)
     if sites is None:
         sites = list(results[0]) if results else list(truth or {})
@@ -150,27 +165,38 @@ def plot_curves(results, truth=None, tables=(), sites=None, energy_range_ev=None
         es = [c.energy_ev for r in results for c in r.values()] or [c.energy_ev for c in (truth or {}).values()]
         energy_range_ev = (min(e[0] for e in es), max(e[-1] for e in es))
     lo, hi = energy_range_ev
+    if not lo < hi:
+        raise InputError(f"plot_curves: energy range {lo:g}-{hi:g} eV is empty or reversed")
     n = len(sites)
     rows = 2 * n if with_res else n
     ratios = [3, 1] * n if with_res else [1] * n
-    fig = Figure(figsize=(11, (3.2 + (1.1 if with_res else 0)) * n), layout="constrained")
+    fig = Figure(figsize=(11, (3.4 + (1.1 if with_res else 0)) * n + 0.6), layout="constrained")
     gs = fig.add_gridspec(rows, 2, height_ratios=ratios)
     colors = ["C0", "C3", "C2", "C4", "C1", "C5", "C6"]
+    legend = {}                                   # label -> handle, in drawing order
+
+    def remember(label, handle):
+        legend.setdefault(label, handle)
+
     for i, s in enumerate(sites):
         r0 = 2 * i if with_res else i
         for j, key in enumerate(("fp", "fdp")):
             ax = fig.add_subplot(gs[r0, j])
             name = "f′" if key == "fp" else "f″"
+            ax.set_title(f"{s} — {name}", fontsize=10, loc="left")
             for t_i, tab in enumerate(tables):
                 if s in tab:
                     c = tab[s]
                     m = (c.energy_ev >= lo - 5) & (c.energy_ev <= hi + 5)
-                    ax.plot(c.energy_ev[m], getattr(c, key)[m], color="0.5", lw=1,
-                            ls=["--", ":", "-."][t_i % 3], label=c.label)
+                    (line,) = ax.plot(c.energy_ev[m], getattr(c, key)[m], color="0.5", lw=1,
+                                      ls=["--", ":", "-."][t_i % 3], label=_legend_label(c))
+                    remember(line.get_label(), line)
             if truth and s in truth:
                 c = truth[s]
                 m = (c.energy_ev >= lo - 5) & (c.energy_ev <= hi + 5)
-                ax.plot(c.energy_ev[m], getattr(c, key)[m], color="k", lw=1.2, label="truth")
+                (line,) = ax.plot(c.energy_ev[m], getattr(c, key)[m], color="k", lw=1.2,
+                                  label=_legend_label(c))
+                remember(line.get_label(), line)
             for r_i, res in enumerate(results):
                 if s not in res:
                     continue
@@ -178,14 +204,17 @@ def plot_curves(results, truth=None, tables=(), sites=None, energy_range_ev=None
                 col = colors[r_i % len(colors)]
                 y = getattr(c, key)
                 sig = getattr(c, key + "_sigma")
-                ax.plot(c.energy_ev, y, "o-", color=col, ms=3, lw=1.3, label=c.label)
+                (line,) = ax.plot(c.energy_ev, y, "o-", color=col, ms=3, lw=1.3,
+                                  label=_legend_label(c))
                 if sig is not None and np.any(np.isfinite(sig)):
                     ax.fill_between(c.energy_ev, y - sig, y + sig, color=col, alpha=0.25, lw=0)
+                    band = Patch(facecolor=col, alpha=0.25, lw=0)
+                    remember(f"{_legend_label(c)} (band: ±1σ)", (band, line))
+                else:
+                    remember(_legend_label(c), line)
             ax.set_xlim(lo, hi)
-            ax.set_ylabel(f"{name} of {s} (e⁻)")
+            ax.set_ylabel(f"{name} (e⁻)")
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
-                ax.legend(fontsize=8, loc="best")
             if not with_res:
                 ax.set_xlabel("energy (eV)")
             if with_res:
@@ -203,9 +232,12 @@ def plot_curves(results, truth=None, tables=(), sites=None, energy_range_ev=None
                     sig = getattr(c, key + "_sigma")
                     if sig is not None and np.any(np.isfinite(sig)):
                         axr.fill_between(c.energy_ev, d - sig, d + sig, color=col, alpha=0.25, lw=0)
-                axr.set_ylabel(f"Δ{name} (e⁻)")
+                axr.set_ylabel(f"{name} − truth (e⁻)", fontsize=8)
                 axr.set_xlabel("energy (eV)")
                 axr.grid(alpha=0.3)
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="outside upper center",
+                   ncols=min(len(legend), 3), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
     return fig

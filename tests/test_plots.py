@@ -49,7 +49,13 @@ def test_plot_curves_library(result_files):
     assert len(fig.axes) == 8                    # 2 sites x (fp, fdp) x (curve, residual)
     ax = fig.axes[0]
     labels = [line.get_label() for line in ax.get_lines()]
-    assert labels[:3] == ["truth", "Sauter", "KK"]
+    assert labels[:3] == ["truth (simulation)", "result: Sauter", "result: KK"]
+    # one legend for the whole figure, saying what the band is; site names as panel titles
+    assert len(fig.legends) == 1 and all(a.get_legend() is None for a in fig.axes)
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["truth (simulation)", "result: Sauter (band: ±1σ)", "result: KK (band: ±1σ)"]
+    titles = [a.get_title(loc="left") for a in fig.axes if a.get_title(loc="left")]
+    assert titles == ["FE1 — f′", "FE1 — f″", "FE2 — f′", "FE2 — f″"]
     # the residual panel holds result - truth at the grid
     e = res[0]["FE1"].energy_ev
     d = ax.get_lines()[1].get_ydata() - np.interp(e, truth["FE1"].energy_ev, truth["FE1"].fp)
@@ -91,4 +97,17 @@ def test_plot_curves_bad_input(case, result_files, tmp_path):
 def test_curve_band_drawn():
     c = Curve("x", "S", [1, 2, 3], [0, 1, 0], [1, 2, 1], [0.1] * 3, [0.2] * 3)
     fig = plot_curves([{"S": c}])
-    assert len(fig.axes[0].collections) == 1       # the ±1σ band
+    band = fig.axes[0].collections
+    assert len(band) == 1                          # the ±1σ band, from y - σ to y + σ
+    ys = band[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(-0.1) and ys.max() == pytest.approx(1.1)
+
+
+def test_result_and_table_labelled_apart():
+    res = Curve("run1", "S", [1, 2, 3], [0, 1, 0], [1, 2, 1])
+    tab = Curve("Fe.dat", "S", [1, 2, 3], [0, 0, 0], [1, 1, 1], kind="table")
+    fig = plot_curves([{"S": res}], tables=[{"S": tab}])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["table: Fe.dat", "result: run1"]
+    with pytest.raises(InputError, match="reversed"):
+        plot_curves([{"S": res}], energy_range_ev=(3.0, 1.0))

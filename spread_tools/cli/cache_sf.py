@@ -13,13 +13,14 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
     Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_files,
     require_output,
@@ -60,6 +61,11 @@ SCHEMA = {
     },
 }
 
+Output = output_option("Structure-factor cache to write (.h5, format spread_tools.sf_cache).")
+USAGE = "MODEL.pdb|MODEL.cif -o SF_CACHE.h5 sites=NAME=RES/ATOM[,...] [key=value ...] [OPTIONS]"
+EXAMPLE = ("cache_sf 6lk1.pdb -o sf_cache.h5 sites=FE1=FES/FE1,FE2=FES/FE2 d_min=2.5 d_max=4.0 \\\n"
+           "    energy.min_ev=7070 energy.max_ev=7170 energy.step_ev=4")
+
 app = make_app(SCRIPT, "Cache structure factors of a PDB/mmCIF model: F_base (non-site atoms, "
                        "f0 only), per-element and per-site geometric sums, for every P1 "
                        "Miller index (both Friedel mates) with d_min <= d <= d_max. Output: "
@@ -97,12 +103,11 @@ def energy_grid(cfg):
     return e
 
 
-@app.command(**command_settings(SCHEMA))
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False):
     """Cache structure factors of a model for SPREAD refinement."""
     with user_errors(SCRIPT):
-        from spread_tools.io.h5io import check_writable
         from spread_tools.structure.build import build_sf_cache, parse_sites, read_model
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (model_path,) = require_files(files, ["model (PDB/mmCIF)"], SCRIPT)
@@ -119,7 +124,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             raise InputError(f"parameter fft.rate: must be >= 1, got {cfg.fft.rate}")
         energy_ev = energy_grid(cfg)
         sites = parse_sites(cfg.sites)
-        check_writable(output, overwrite)
+        claim_outputs([output], inputs=[model_path], overwrite=overwrite)
         t0 = time.perf_counter()
         st = read_model(model_path)
         timings = {}

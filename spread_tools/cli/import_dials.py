@@ -19,13 +19,14 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
     Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_output,
     user_errors,
@@ -90,6 +91,11 @@ SCHEMA = {
               type=float, optional=True),
 }
 
+Output = output_option("Dataset to write (.h5, format spread_tools.dataset).")
+USAGE = "(EXPT REFL [SPECTRUM] | SHOT_LIST) -o DATASET.h5 [key=value ...] [OPTIONS]"
+EXAMPLE = ("import_dials integrated.expt integrated.refl run12.lam -o dataset.h5 \\\n"
+           "    channels.min_ev=7070 channels.max_ev=7170 d_min=2.5 d_max=4.0")
+
 app = make_app(SCRIPT, "Import DIALS stills (experiment list, msgpack reflection table with "
                        "shoeboxes, spectra) into a SPREAD dataset (HDF5 spread_tools.dataset, -o). "
                        "Inputs: EXPT REFL [SPECTRUM], or a shot list file with lines "
@@ -132,29 +138,34 @@ def shots_from_files(files):
                      f"got {len(files)} files")
 
 
-@app.command(**command_settings(SCHEMA))
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False):
     """Import DIALS stills into a SPREAD dataset."""
     with user_errors(SCRIPT):
         from spread_tools.io.dials.importer import build_dataset
-        from spread_tools.io.h5io import check_writable
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         require_output(output, "dataset")
         if not files:
             raise InputError("command line: give EXPT REFL [SPECTRUM] or a shot list file")
-        check_writable(output, overwrite)
+        if cfg.d_min is not None and cfg.d_max is not None and not cfg.d_min < cfg.d_max:
+            raise InputError(f"parameter d_min: {cfg.d_min} Å must be smaller than d_max "
+                             f"({cfg.d_max} Å)")
         shots = shots_from_files(files)
         settings = settings_from_config(cfg)
+        inputs = list(files) + [cfg.spectrum.file, cfg.images.file]
+        for shot in shots:
+            inputs += [getattr(shot, k, None) for k in ("expt", "refl", "spectrum")]
+        claim_outputs([output], inputs=inputs, overwrite=overwrite)
 
         def log(msg):
             if not quiet:
                 typer.echo(f"{SCRIPT}: {msg}")
         ds, s = build_dataset(shots, settings, config_json=cfg.to_json(), log=log)
         ds.write(output, overwrite=overwrite)
-        typer.echo(f"{SCRIPT}: {s['reflections']} reflections: dropped {s['flags']} by flags, "
-                   f"{s['resolution']} by resolution, {s['no_shoebox_data']} without shoebox pixels, "
-                   f"{s['no_pixels']} with no usable pixel on the panel")
+        log(f"{s['reflections']} reflections: dropped {s['flags']} by flags, "
+            f"{s['resolution']} by resolution, {s['no_shoebox_data']} without shoebox pixels, "
+            f"{s['no_pixels']} with no usable pixel on the panel")
         typer.echo(f"{SCRIPT}: wrote {output} ({s['lattices']} lattices, {s['shoeboxes']} shoeboxes, "
                    f"{s['pixels']} pixels of which {s['used_pixels']} used, {s['channels']} channels "
                    f"{ds.energy_ev[0]:g}-{ds.energy_ev[-1]:g} eV)")

@@ -20,12 +20,14 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
+    Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_files,
     user_errors,
@@ -61,16 +63,24 @@ Gallery = Annotated[Optional[list[Path]], typer.Option(
                       "gallery (needs --sf-cache).")]
 SfCache = Annotated[Optional[Path], typer.Option("--sf-cache", help="SF cache (for --gallery).")]
 
+Output = output_option("Figure to write; the format follows the suffix (.png, .pdf, .svg). "
+                       "also=pdf adds formats next to it; --gallery writes a second figure "
+                       "<stem>_gallery<suffix>.")
+USAGE = ("RESULT.h5 [RESULT.h5 ...] -o FIGURE.png [--truth DATASET.h5] [--table TABLE ...] "
+         "[key=value ...] [OPTIONS]")
+EXAMPLE = "plot_curves sauter.h5 kk.h5 --label Sauter --label KK --truth dataset.h5 -o curves.png"
+
 app = make_app(SCRIPT, "Plot refined f'(E), f''(E) (e-) per site against energy (eV) with "
                        "+-1 sigma bands; several results overlaid; optional truth (with residual "
                        "panels) and reference tables; optional shoebox gallery. Output format "
                        "from the suffix of -o (.png, .pdf, .svg).")
 
 
-@app.command(**command_settings(SCHEMA))
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, output: Output = None, truth: Truth = None, table: Table = None,
         label: Label = None, gallery: Gallery = None, sf_cache: SfCache = None,
-        config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False):
+        config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False,
+        quiet: Quiet = False):
     """Plot f'(E), f''(E) (e-) per site against energy (eV) with +-1 sigma bands.
 
     Several results overlaid (--label each), optional truth from a simulated dataset
@@ -79,7 +89,6 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
     (.png, .pdf, .svg); also=pdf writes a second format.
     """
     with user_errors(SCRIPT):
-        from spread_tools.io.h5io import check_writable
         from spread_tools.plots import (
             curves_from_result,
             curves_from_table,
@@ -104,10 +113,14 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
         for o in outputs + ([gal_out] if gal_out else []):
             if o.suffix.lower() not in (".png", ".pdf", ".svg"):
                 raise InputError(f"{o}: unknown figure format (use .png, .pdf or .svg)")
-            check_writable(o, overwrite)
         if gallery and (sf_cache is None or not files):
             raise InputError("command line: --gallery needs a result (the first one is used) "
                              "and --sf-cache")
+        inputs = list(files) + [truth, sf_cache] + list(table or []) + list(gallery or [])
+        for f in inputs:
+            if f is not None:
+                require_files([f], ["input"], SCRIPT)
+        claim_outputs(outputs + ([gal_out] if gal_out else []), inputs=inputs, overwrite=overwrite)
         results = [curves_from_result(f, labels[i] if i < len(labels) else None)
                    for i, f in enumerate(files)]
         tr = read_truth(truth) if truth is not None else None
@@ -115,6 +128,10 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
         all_sites = sites or (list(results[0]) if results else list(tr))
         tabs = [curves_from_table(t, all_sites) for t in (table or [])]
         rng = None
+        if cfg.energy.min_ev is not None and cfg.energy.max_ev is not None and \
+                not cfg.energy.min_ev < cfg.energy.max_ev:
+            raise InputError(f"parameter energy.max_ev: {cfg.energy.max_ev:g} eV must be above "
+                             f"energy.min_ev ({cfg.energy.min_ev:g} eV)")
         if cfg.energy.min_ev is not None or cfg.energy.max_ev is not None:
             es = [c.energy_ev for r in results for c in r.values()] or [c.energy_ev for c in tr.values()]
             rng = (cfg.energy.min_ev if cfg.energy.min_ev is not None else min(e[0] for e in es),
@@ -123,14 +140,16 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
                           residual=cfg.residual, title=cfg.title)
         for o in outputs:
             save_figure(fig, o, overwrite=overwrite, dpi=cfg.dpi)
-            typer.echo(f"{SCRIPT}: wrote {o}")
+            if not quiet:
+                typer.echo(f"{SCRIPT}: wrote {o}")
         if gallery:
             from spread_tools.io.dataset import Dataset
             from spread_tools.structure.cache import SFCache
             gfig = plot_gallery(files[0], [Dataset.read(p) for p in gallery], SFCache.read(sf_cache),
                                 n_shoeboxes=cfg.gallery.n_shoeboxes)
             save_figure(gfig, gal_out, overwrite=overwrite, dpi=cfg.dpi)
-            typer.echo(f"{SCRIPT}: wrote {gal_out}")
+            if not quiet:
+                typer.echo(f"{SCRIPT}: wrote {gal_out}")
 
 
 def main():

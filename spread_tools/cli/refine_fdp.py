@@ -7,9 +7,12 @@ Examples::
         restraints.fdp.mean=None restraints.kramers_kronig.use=True
     mpiexec -n 4 refine_fdp dataset.h5 --sf-cache sf_cache.h5 -o result.h5 --resume
 
-Writes ``result.h5`` (``format = "spread_tools.result"``) and ``result.csv``;
-a checkpoint ``result.ckpt.h5`` after every macrocycle (removed after a
-converged run unless ``checkpoint.keep=True``); ``--resume`` continues from it.
+Writes ``result.h5`` (``format = "spread_tools.result"``) and ``result.csv`` as
+one unit; a checkpoint ``result.ckpt.h5`` after every macrocycle and every
+``checkpoint.interval_s`` (300 s) inside one (removed after a converged run unless
+``checkpoint.keep=True``); ``--resume`` continues from it to the same answer.
+SIGTERM (SLURM's time limit or requeue) or Ctrl-C writes a checkpoint, prints one
+line with the command that continues, and exits 128 + the signal number.
 """
 
 import contextlib
@@ -21,16 +24,18 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
     Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_files,
     require_output,
+    resume_command,
     user_errors,
 )
 from spread_tools.errors import InputError
@@ -42,6 +47,8 @@ SCHEMA = REFINE_SCHEMA
 SfCache = Annotated[Optional[Path], typer.Option(
     "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
                              "as the dataset(s).")]
+Output = output_option("Result file to write (.h5); the table goes next to it as <stem>.csv "
+                       "and the checkpoint as <stem>.ckpt.h5.")
 Resume = Annotated[bool, typer.Option(
     "--resume", help="Continue from the checkpoint (<output>.ckpt.h5 or checkpoint.path) when "
                      "it exists; it must come from the same inputs and parameters.")]
@@ -53,7 +60,11 @@ app = make_app(SCRIPT, "Refine per-site anomalous scattering factors f'(E), f''(
                        "(lattices split over ranks). Output: result .h5 (-o) and .csv.")
 
 
-@app.command(**command_settings(SCHEMA))
+USAGE = "DATASET.h5 [DATASET.h5 ...] --sf-cache SF_CACHE.h5 -o RESULT.h5 [key=value ...] [OPTIONS]"
+EXAMPLE = "refine_fdp dataset.h5 --sf-cache sf_cache.h5 -o result.h5 restraints.fp.sigma=0.1"
+
+
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
         config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False,
         resume: Resume = False, quiet: Quiet = False):
@@ -62,7 +73,9 @@ def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
     Poisson likelihood of every unmasked pixel with per-lattice scales and per-shoebox
     backgrounds, Sauter and/or Kramers-Kronig restraints; standard uncertainties from the
     Fisher information. Runs under mpiexec/srun (lattices split over ranks). Writes
-    -o result.h5 and result.csv; a checkpoint after every macrocycle (--resume).
+    -o result.h5 and result.csv; checkpoints after every macrocycle and every
+    checkpoint.interval_s seconds (--resume continues to the same answer); SIGTERM or
+    Ctrl-C writes a checkpoint and exits with the command that continues.
     """
     from spread_tools.refine.mpi import get_comm
     comm = get_comm()
@@ -83,7 +96,7 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
     root = comm.rank == 0
     with (user_errors(SCRIPT) if root else _plain()):
         from spread_tools.io.dataset import Dataset
-        from spread_tools.io.h5io import check_writable
+        from spread_tools.refine.checkpoint import Interrupted, StopSignals
         from spread_tools.refine.mpi import select_device_for_rank
         from spread_tools.refine.s1 import log_to_stderr, refine, write_result
         from spread_tools.structure.cache import SFCache
@@ -91,17 +104,32 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         paths = require_files(files, ["dataset (.h5) ..."], SCRIPT)
         if sf_cache is None:
             raise InputError("command line: give the structure-factor cache with --sf-cache FILE.h5")
+        require_files([sf_cache], ["SF cache"], SCRIPT)
         require_output(output, "result")
         output = Path(output)
+        csv_path = output.with_suffix(".csv")
         ckpt = Path(cfg.checkpoint.path) if cfg.checkpoint.path else \
             output.with_name(output.stem + ".ckpt.h5")
-        # every rank checks (the same files), so that no rank enters refine() alone
-        if ckpt.exists() and not resume and not overwrite:
-            raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
-                             f"start afresh with --overwrite")
-        # --resume may replace the (not converged) result of the interrupted run
-        check_writable(output, overwrite or resume)
-        check_writable(output.with_suffix(".csv"), overwrite or resume)
+        # rank 0 checks (and locks) the outputs; every rank learns the verdict, so that
+        # no rank enters refine() alone
+        failure = None
+        if root:
+            try:
+                inputs = list(paths) + [sf_cache] + ([cfg.start.result] if cfg.start.result else [])
+                if ckpt.exists() and not resume and not overwrite:
+                    raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
+                                     f"start afresh with --overwrite")
+                # --resume may replace the (not converged) result of the interrupted run
+                claim_outputs([output, csv_path], inputs=inputs, overwrite=overwrite or resume)
+                claim_outputs([ckpt], inputs=inputs, overwrite=True)
+            except InputError as exc:
+                failure = exc
+        if comm.size > 1 and int(comm.bcast_obj(failure is not None)):
+            if root:
+                raise failure
+            raise InputError("rank 0 refused the command line")
+        if failure is not None:
+            raise failure
         if cfg.backend != "cpu":
             select_device_for_rank(comm)
         t0 = time.perf_counter()
@@ -110,9 +138,15 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         log = (lambda s: None) if quiet else log_to_stderr
         if root and not quiet:
             log_to_stderr(f"{SCRIPT}: {len(paths)} dataset(s), SF cache {sf_cache}, output {output}")
-        result = refine(datasets, cache, cfg, comm=comm, checkpoint=ckpt, resume=resume,
-                        log=(lambda s: log(f"{SCRIPT}: {s}")), quiet=quiet,
-                        dataset_names=[str(p) for p in paths], cache_name=str(sf_cache))
+        with StopSignals() as stop:
+            try:
+                result = refine(datasets, cache, cfg, comm=comm, checkpoint=ckpt, resume=resume,
+                                log=(lambda s: log(f"{SCRIPT}: {s}")), quiet=quiet,
+                                dataset_names=[str(p) for p in paths], cache_name=str(sf_cache),
+                                stop=stop)
+            except Interrupted as exc:
+                typer.echo(f"{SCRIPT}: {exc}; continue with: {resume_command(SCRIPT)}", err=True)
+                raise typer.Exit(exc.exit_code) from None
         if root:
             csv = write_result(output, result, overwrite=overwrite or resume)
             for i, name in enumerate(result.site_names):

@@ -14,13 +14,14 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
     Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_files,
     require_output,
@@ -137,6 +138,12 @@ PRESETS = {
     },
 }
 
+Output = output_option("Simulated dataset to write (.h5, format spread_tools.dataset), with "
+                       "the ground truth under truth/.")
+USAGE = "SF_CACHE.h5 -o DATASET.h5 truth=SITE=TABLE[,...] [key=value ...] [OPTIONS]"
+EXAMPLE = ("simulate_data sf_cache.h5 -o dataset.h5 truth=FE1=ox.out,FE2=red.out "
+           "--lattices 40 --seed 1")
+
 app = make_app(SCRIPT, "Simulate a SPREAD dataset (XFEL still shots with SASE spectra) from "
                        "an SF cache and ground-truth f'/f'' curves per site. Output: an HDF5 "
                        "spread_tools.dataset file (-o) with the truth (curves at the channel "
@@ -245,7 +252,7 @@ def detector_from_config(cfg):
                          gap_mm=d.gap_mm)
 
 
-@app.command(**command_settings(SCHEMA))
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         show_config: ShowConfig = False, overwrite: Overwrite = False, quiet: Quiet = False,
         lattices: Annotated[Optional[int], typer.Option(
@@ -254,7 +261,6 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             "--seed", help="Random seed (same as seed=N).")] = None):
     """Simulate a SPREAD still-shot dataset with ground truth."""
     with user_errors(SCRIPT):
-        from spread_tools.io.h5io import check_writable
         from spread_tools.simulate.simulator import simulate_dataset
         from spread_tools.structure.cache import SFCache
         words = list(words or [])
@@ -269,7 +275,8 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             raise InputError("parameter truth: give a curve for every site, e.g. "
                              "truth=FE1=ox.out,FE2=red.out")
         settings = settings_from_config(cfg)
-        check_writable(output, overwrite)
+        truth_files = [spec.partition("=")[2].strip() for spec in cfg.truth]
+        claim_outputs([output], inputs=[cache_path] + truth_files, overwrite=overwrite)
         cache = SFCache.read(cache_path)
         truth = read_truth(cfg.truth)
         detector = detector_from_config(cfg)

@@ -35,8 +35,11 @@ so the variables are in units of their own standard uncertainty. Convergence:
 the largest |∂f/∂z| over all rescaled variables z is at most
 ``optimizer.gtol`` (default 1e-3: a 1σ move changes the objective by less than
 0.001), or a macrocycle that no longer lowers the objective (round-off). A
-checkpoint is written after every macrocycle; since a macrocycle restarts
-L-BFGS from its first point, ``--resume`` from a checkpoint follows exactly the
+checkpoint is written after every macrocycle and, inside a macrocycle, every
+``checkpoint.interval_s`` of wall time and on a stop request (SIGTERM/SIGINT through
+:class:`~spread_tools.refine.checkpoint.StopSignals`); it holds the preconditioner
+and the whole state of the L-BFGS-B routine (:mod:`spread_tools.refine.lbfgsb`, scipy's
+own code driven step by step), so ``--resume`` from any checkpoint follows exactly the
 same path as an uninterrupted run (bit for bit on the same machine and ranks).
 
 MPI
@@ -54,7 +57,11 @@ Gauss–Newton / Fisher information of the Poisson likelihood,
 exactly (per shoebox for (b0,b1,b2), then per lattice for g: Schur complements,
 so the global block is the information *after* the scales and backgrounds
 have been fitted), the restraints' Hessian (exact: they are quadratic) is
-added, and the covariance is its inverse. The same computation gives the
+added, and the posterior covariance is its inverse. By default
+(``uncertainty.calibrate``) the reported covariance adds the restraints' bias, a
+rank-one term (:mod:`spread_tools.refine.calibration`): the posterior alone counts
+the restraints as information and is too small where they dominate the data
+(errors of 1.8σ rms at 40 lattices). The same Fisher computation gives the
 preconditioner of every macrocycle; it runs in channel space (per-shoebox
 Σ w wᵀ/λ, Numba) for up to 48 channels, per pixel (∂λ/∂u) above. The edge of each site is the
 energy where f″ first crosses half its step ((f″(first) + f″(last))/2, linear
@@ -90,15 +97,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.optimize
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
+from spread_tools.refine.calibration import calibrated_covariance, restraint_parts
 from spread_tools.refine.checkpoint import (
-    _answer_config,
-    _fingerprint,
-    _read_checkpoint,
-    _write_checkpoint,
+    Checkpointer,
+    answer_config,
+    s1_fingerprint,
+    s1_from_checkpoint,
+    s1_state,
 )
 from spread_tools.refine.driver import (
     _CMD_DIAG,
@@ -107,6 +115,7 @@ from spread_tools.refine.driver import (
     _Driver,
     _Preconditioner,
 )
+from spread_tools.refine.lbfgsb import LbfgsbRun
 from spread_tools.refine.mpi import get_comm
 from spread_tools.refine.objective import S1Problem
 from spread_tools.refine.prepare import prepare_data
@@ -148,10 +157,19 @@ REFINE_SCHEMA = {
     "shoebox": {
         "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
     },
+    "uncertainty": {
+        "calibrate": P(True, "include the restraints' bias in sigma (the restraints' pull at "
+                       "the curve the data ask for, spread_tools.refine.calibration); False: "
+                       "the posterior sigma (F + H)^-1 alone, which counts the restraints as "
+                       "information"),
+    },
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
         "keep": P(False, "keep the checkpoint after a converged run"),
+        "interval_s": P(300.0, "also write a checkpoint inside a macrocycle when this much "
+                        "wall time has passed since the last one (a SIGKILL loses at most "
+                        "this much work; 0: after every objective evaluation)", units="s"),
     },
 }
 
@@ -186,6 +204,10 @@ class RefineResult:
     sf_cache: str = ""
     warnings: list = dataclasses.field(default_factory=list)
     x: np.ndarray = None
+    fp_sigma_posterior: np.ndarray = None
+    fdp_sigma_posterior: np.ndarray = None
+    uncertainty: str = "posterior"
+    restraint_scales: dict = dataclasses.field(default_factory=dict)
 
 
 def _start_curves(cfg, problem):
@@ -209,7 +231,7 @@ def _start_curves(cfg, problem):
 
 
 def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=None, quiet=True,
-           backend=None, dataset_names=(), cache_name=""):
+           backend=None, dataset_names=(), cache_name="", stop=None):
     """Run the S1 refinement (collective: call it on every rank).
 
     Parameters
@@ -222,10 +244,12 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
     comm : Comm, optional
         Default :func:`spread_tools.refine.mpi.get_comm`.
     checkpoint : str or Path, optional
-        Checkpoint file written after every macrocycle (rank 0).
+        Checkpoint file (rank 0), written after every macrocycle and, inside a
+        macrocycle, every ``checkpoint.interval_s`` seconds of wall time.
     resume : bool
         Continue from ``checkpoint`` when it exists (refused when it was written
-        for other data or another configuration).
+        for other data or another configuration); the result is the same as that of
+        an uninterrupted run, bit for bit on the same machine and number of ranks.
     log : callable, optional
         Receives log lines (rank 0 only).
     quiet : bool
@@ -233,6 +257,11 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
     backend : str, optional
         Overrides ``cfg.backend``.
     dataset_names, cache_name : for the result's metadata.
+    stop : spread_tools.refine.checkpoint.StopSignals, optional
+        When it reports a signal (rank 0), the refinement writes a checkpoint at the
+        next evaluation boundary and raises
+        :class:`~spread_tools.refine.checkpoint.Interrupted` (the other ranks return
+        ``None``).
 
     Returns
     -------
@@ -240,6 +269,7 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
         The result on rank 0, ``None`` on the other ranks.
     """
     from spread_tools.progress import progress
+    _check_settings(cfg)
     comm = comm or get_comm()
     root = comm.rank == 0
     say = (log or (lambda s: None)) if root else (lambda s: None)
@@ -265,12 +295,27 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
         return None
     try:
         return _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress,
-                         prepared, dataset_names, cache_name)
+                         prepared, dataset_names, cache_name, stop)
     finally:
         drv.stop()
 
 
 _REFUSED_OBJECTIVE = 1e300
+
+
+def _check_settings(cfg):
+    """Optimizer and checkpoint parameters that make no sense are InputErrors."""
+    o = cfg.optimizer
+    for key, value, low in (("optimizer.iterations", o.iterations, 1),
+                            ("optimizer.max_macrocycles", o.max_macrocycles, 1),
+                            ("optimizer.memory", o.memory, 1)):
+        if value < low:
+            raise InputError(f"parameter {key}: must be at least {low}, got {value}")
+    if not o.gtol > 0:
+        raise InputError(f"parameter optimizer.gtol: must be positive, got {o.gtol}")
+    if not cfg.checkpoint.interval_s >= 0:
+        raise InputError(f"parameter checkpoint.interval_s: must be >= 0 s, got "
+                         f"{cfg.checkpoint.interval_s}")
 
 
 def _is_finite(f, g):
@@ -279,20 +324,20 @@ def _is_finite(f, g):
 
 
 def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress, prepared,
-              dataset_names, cache_name):
+              dataset_names, cache_name, stop=None):
     p = problem
-    config = _answer_config(cfg)
-    fingerprint = _fingerprint(prepared, p.cache, cfg)
+    ck = Checkpointer(checkpoint, "s1", answer_config(cfg), s1_fingerprint(prepared, p.cache),
+                      interval_s=cfg.checkpoint.interval_s, stop=stop)
     history = {"objective": [], "gradient_norm": [], "time_s": []}
-    state = None
-    if resume and checkpoint is not None and Path(checkpoint).exists():
-        state = _read_checkpoint(checkpoint, config, fingerprint, p.n_x)
-        say(f"resuming from {checkpoint}: macrocycle {state['macrocycle']} done")
-        x = state["x"]
-        history = state["history"]
-        macro = state["macrocycle"]
-        done = state["converged"]
-        message = state["message"]
+    inner = None
+    if resume and ck.exists():
+        state = s1_from_checkpoint(ck.load(), p.n_x, checkpoint)
+        x, history, macro = state["x"], state["history"], state["macrocycle"]
+        done, message, inner = state["converged"], state["message"], state["inner"]
+        drv.n_eval = state["n_evaluations"]
+        where = f"macrocycle {macro} done" + (
+            f", {len(history['objective'])} iterations in all" if inner is not None else "")
+        say(f"resuming from {checkpoint}: {where}")
     else:
         if resume:
             say(f"no checkpoint {checkpoint}: starting from the beginning")
@@ -313,31 +358,57 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         last["f"], last["g"] = f, g
         return f, pre.grad_z(g)
 
+    def after_iteration(pre):
+        gn = float(np.max(np.abs(pre.grad_z(last["g"]))))
+        history["objective"].append(float(last["f"]))
+        history["gradient_norm"].append(gn)
+        history["time_s"].append(time.perf_counter() - t0)
+        it = len(history["objective"])
+        bar.update(1)
+        say(f"iter {it:5d}  objective {last['f']:.10e}  |grad|max {gn:.3e} (sigma units)  "
+            f"time {history['time_s'][-1]:.2f} s")
+
     bar = progress(total=None, desc="S1", quiet=quiet, unit="it")
     while not done and macro < cfg.optimizer.max_macrocycles:
-        pre = _Preconditioner(*drv.call(_CMD_DIAG, x), p.n_glob)
-        f_before, _ = drv.call(_CMD_EVAL, x)
+        if inner is not None:                      # resume inside a macrocycle, exactly
+            hd = (np.asarray(inner["H_glob"]), np.asarray(inner["diag_loc"]))
+            f_before = inner["f_before"]
+            run = LbfgsbRun.from_state(inner["lbfgs"])
+            if np.isfinite(inner["last_f"]):
+                last["f"], last["g"] = inner["last_f"], inner["last_g"]
+            inner = None
+        else:
+            hd = drv.call(_CMD_DIAG, x)
+            f_before, _ = drv.call(_CMD_EVAL, x)
+            run = None
+        pre = _Preconditioner(*hd, p.n_glob)
+        if run is None:
+            run = LbfgsbRun(pre.to_z(x), maxiter=int(cfg.optimizer.iterations),
+                            maxcor=int(cfg.optimizer.memory), gtol=gtol, ftol=1e-15, maxls=40)
 
-        def callback(intermediate_result=None, _pre=pre):
-            gn = float(np.max(np.abs(_pre.grad_z(last["g"]))))
-            history["objective"].append(float(last["f"]))
-            history["gradient_norm"].append(gn)
-            history["time_s"].append(time.perf_counter() - t0)
-            it = len(history["objective"])
-            bar.update(1)
-            say(f"iter {it:5d}  objective {last['f']:.10e}  |grad|max {gn:.3e} (sigma units)  "
-                f"time {history['time_s'][-1]:.2f} s")
+        def state_now(_pre=pre, _hd=hd, _run=run, _f_before=f_before):
+            return s1_state(macro, False, message, _pre.to_x(_run.x), history, p.site_names,
+                            drv.n_eval, inner={"H_glob": _hd[0], "diag_loc": _hd[1],
+                                               "f_before": _f_before,
+                                               "last_f": last.get("f", np.nan),
+                                               "last_g": last.get("g", np.zeros(0)),
+                                               "lbfgs": _run.state()})
 
-        res = scipy.optimize.minimize(
-            fun, pre.to_z(x), args=(pre,), jac=True, method="L-BFGS-B", callback=callback,
-            options={"maxiter": int(cfg.optimizer.iterations), "maxcor": int(cfg.optimizer.memory),
-                     "gtol": gtol, "ftol": 1e-15, "maxls": 40})
-        x = pre.to_x(res.x)
+        while not run.done:
+            # a consistent point: everything needed to continue is in run, pre, history
+            ck.maybe_save(state_now, detail=f"macrocycle {macro + 1}, "
+                                            f"{len(history['objective'])} iterations in all")
+            if run.wants_evaluation:
+                run.give(*fun(run.x_requested, pre))
+            run.advance()
+            if run.new_iteration:
+                after_iteration(pre)
+        x = pre.to_x(run.x)
         macro += 1
         f_after, g_after = drv.call(_CMD_EVAL, x)
         gmax = float(np.max(np.abs(pre.grad_z(g_after))))
         say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e}, |grad|max {gmax:.3e}, "
-            f"{res.nit} iterations ({res.message if isinstance(res.message, str) else res.message})")
+            f"{run.nit} iterations ({run.message})")
         if gmax <= gtol:
             done, message = True, f"converged: |grad|max {gmax:.3e} <= gtol {gtol:g}"
         elif not f_after < f_before - 1e-12 * max(1.0, abs(f_before)):
@@ -346,22 +417,37 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         else:
             message = f"not converged after {macro} macrocycles: |grad|max {gmax:.3e} > gtol {gtol:g}"
         if checkpoint is not None:
-            _write_checkpoint(checkpoint, {"config": config, "fingerprint": fingerprint,
-                                           "macrocycle": macro, "converged": done,
-                                           "message": message, "x": x, "history": history,
-                                           "site_names": p.site_names})
+            ck.save(s1_state(macro, done, message, x, history, p.site_names, drv.n_eval))
+    # a stop that came during the last macrocycle's end: the checkpoint is current
+    ck.raise_if_stopped(f"macrocycle {macro} done")
     bar.close()
     say(message)
     f_final, _ = drv.call(_CMD_EVAL, x)
     t_unc = time.perf_counter()
     F = drv.call(_CMD_FISHER, x)
-    cov = _invert(F)
+    cov_post = _invert(F)
+    cov, calibration = cov_post, {"tau": [], "pull": np.zeros(p.n_glob), "names": []}
+    if cfg.uncertainty.calibrate and p.restraints.terms:
+        parts = restraint_parts(p, x)
+        calibration = calibrated_covariance(F - p.restraint_hessian(x), parts, x[:p.n_glob],
+                                            cov_post)
+        cov = calibration["covariance"]
+        calibration["names"] = [q.name for q in parts]
+        scales = ", ".join(f"{q.name} x{t:.2f}" for q, t in zip(parts, calibration["tau"])
+                           if q.scalable)
+        say(f"restraint bias included in sigma (uncertainty.calibrate): the data ask for "
+            f"restraint sigmas {scales or '(none scaled)'}; largest pull "
+            f"{float(np.max(np.abs(calibration['pull']), initial=0.0)):.3f} e-")
     say(f"uncertainties from the profiled Fisher information in {time.perf_counter() - t_unc:.2f} s")
     fp, fdp, g, b = p.split(x)
     n = p.n_ref * p.n_grid
-    sig = np.sqrt(np.where(np.diag(cov) >= 0, np.diag(cov), np.nan))
-    fp_sigma = sig[:n].reshape(p.n_ref, p.n_grid)
-    fdp_sigma = sig[n:].reshape(p.n_ref, p.n_grid)
+
+    def sigmas(c):
+        d = np.diag(c)
+        sg = np.sqrt(np.where(d >= 0, d, np.nan))
+        return sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid)
+    fp_sigma, fdp_sigma = sigmas(cov)
+    fp_sigma_post, fdp_sigma_post = sigmas(cov_post)
     edges, edge_s = [], []
     for s in range(p.n_ref):
         idx = n + s * p.n_grid + np.arange(p.n_grid)
@@ -381,13 +467,19 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         objective=float(f_final), n_ranks=p.comm.size, n_evaluations=drv.n_eval,
         restraints=p.restraints.active, config_json=p.cfg.to_json(),
         datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
-        warnings=list(prepared.warnings), x=x)
+        warnings=list(prepared.warnings), x=x, fp_sigma_posterior=fp_sigma_post,
+        fdp_sigma_posterior=fdp_sigma_post,
+        uncertainty="calibrated" if cov is not cov_post else "posterior",
+        restraint_scales=dict(zip(calibration["names"], calibration["tau"])))
 
 
 # --------------------------------------------------------------------------- result IO
 
 def write_result(path, result, overwrite=False):
-    """Write a result file (``docs/formats.md``) and its CSV ``<output>.csv`` atomically.
+    """Write a result file (``docs/formats.md``) and its CSV ``<output>.csv`` as one unit.
+
+    Both are written to temporary files and renamed into place together at the end
+    (:func:`spread_tools.io.h5io.atomic_files`): a failure leaves neither changed.
 
     Parameters
     ----------
@@ -401,35 +493,11 @@ def write_result(path, result, overwrite=False):
     Path
         The CSV written next to it.
     """
-    from spread_tools.io.h5io import (
-        atomic_write_text,
-        atomic_writer,
-        check_writable,
-        write_strings,
-    )
+    import h5py
+
+    from spread_tools.io.h5io import atomic_files, init_h5, write_strings
     path = Path(path)
     csv_path = path.with_suffix(".csv")
-    check_writable(csv_path, overwrite)
-    with atomic_writer(path, RESULT_FORMAT, RESULT_VERSION, overwrite=overwrite) as h5:
-        h5.create_dataset("energy_ev", data=result.energy_ev)
-        write_strings(h5, "site_names", result.site_names)
-        write_strings(h5, "site_elements", result.site_elements)
-        for k in ("fp", "fdp", "fp_sigma", "fdp_sigma", "edge_ev", "edge_sigma_ev", "lattice_G",
-                  "shoebox_background", "covariance"):
-            h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
-        for k, v in result.history.items():
-            h5.create_dataset(f"history/{k}", data=np.asarray(v, dtype=np.float64))
-        h5.attrs["config"] = result.config_json
-        h5.attrs["datasets"] = json.dumps(result.datasets)
-        h5.attrs["sf_cache"] = result.sf_cache
-        h5.attrs["converged"] = bool(result.converged)
-        h5.attrs["message"] = result.message
-        h5.attrs["objective"] = float(result.objective)
-        h5.attrs["n_ranks"] = int(result.n_ranks)
-        h5.attrs["n_evaluations"] = int(result.n_evaluations)
-        h5.attrs["restraints"] = json.dumps(result.restraints)
-        h5.attrs["warnings"] = json.dumps(result.warnings)
-        h5.attrs["covariance_order"] = "fp (site-major, grid), then fdp (site-major, grid)"
     cols = ["energy_ev"]
     for s in result.site_names:
         cols += [f"{s}_fp", f"{s}_fp_sigma", f"{s}_fdp", f"{s}_fdp_sigma"]
@@ -440,7 +508,35 @@ def write_result(path, result, overwrite=False):
             row += [f"{v:.6f}" for v in (result.fp[i, k], result.fp_sigma[i, k],
                                          result.fdp[i, k], result.fdp_sigma[i, k])]
         lines.append(",".join(row))
-    atomic_write_text(csv_path, "\n".join(lines) + "\n", overwrite=overwrite)
+    with atomic_files([path, csv_path], overwrite, [".h5.tmp", ".tmp"]) as (tmp_h5, tmp_csv):
+        with h5py.File(tmp_h5, "w") as h5:
+            init_h5(h5, RESULT_FORMAT, RESULT_VERSION)
+            h5.create_dataset("energy_ev", data=result.energy_ev)
+            write_strings(h5, "site_names", result.site_names)
+            write_strings(h5, "site_elements", result.site_elements)
+            for k in ("fp", "fdp", "fp_sigma", "fdp_sigma", "edge_ev", "edge_sigma_ev", "lattice_G",
+                      "shoebox_background", "covariance"):
+                h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+            for k, v in result.history.items():
+                h5.create_dataset(f"history/{k}", data=np.asarray(v, dtype=np.float64))
+            h5.attrs["config"] = result.config_json
+            h5.attrs["datasets"] = json.dumps(result.datasets)
+            h5.attrs["sf_cache"] = result.sf_cache
+            h5.attrs["converged"] = bool(result.converged)
+            h5.attrs["message"] = result.message
+            h5.attrs["objective"] = float(result.objective)
+            h5.attrs["n_ranks"] = int(result.n_ranks)
+            h5.attrs["n_evaluations"] = int(result.n_evaluations)
+            h5.attrs["restraints"] = json.dumps(result.restraints)
+            h5.attrs["warnings"] = json.dumps(result.warnings)
+            h5.attrs["covariance_order"] = "fp (site-major, grid), then fdp (site-major, grid)"
+            for k in ("fp_sigma_posterior", "fdp_sigma_posterior"):
+                if getattr(result, k, None) is not None:
+                    h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+            h5.attrs["uncertainty"] = str(getattr(result, "uncertainty", "posterior"))
+            h5.attrs["restraint_scales"] = json.dumps(getattr(result, "restraint_scales", {}) or {})
+        with open(tmp_csv, "w", encoding="utf-8") as fh:
+            fh.write("\n".join(lines) + "\n")
     return csv_path
 
 
@@ -466,7 +562,7 @@ def read_result(path):
         n = (len(out["site_names"]), len(out["energy_ev"]))
         for k in ("fp", "fdp"):
             out[k] = read_array(h5, k, np.float64, shape=n)
-        for k in ("fp_sigma", "fdp_sigma"):
+        for k in ("fp_sigma", "fdp_sigma", "fp_sigma_posterior", "fdp_sigma_posterior"):
             out[k] = read_array(h5, k, np.float64, shape=n) if k in h5 else np.full(n, np.nan)
         for k in ("edge_ev", "edge_sigma_ev", "lattice_G", "shoebox_background", "covariance"):
             if k in h5:
@@ -477,7 +573,8 @@ def read_result(path):
             out["config"] = json.loads(str(h5.attrs.get("config", "{}")))
         except json.JSONDecodeError:
             out["config"] = {}
-        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks"):
+        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks",
+                  "uncertainty", "restraint_scales"):
             if k in h5.attrs:
                 v = h5.attrs[k]
                 out[k] = v.decode() if isinstance(v, bytes) else v

@@ -110,3 +110,109 @@ def test_bad_input_gives_one_line(case, tiny_file, tmp_path):
         argv, frag = args[case]
     _one_line_error(runner.invoke(app, argv + ["-q"]), frag)
     assert not Path(out).exists()
+
+
+# --------------------------------------------------------------------------- kills and signals
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = REPO / "bin" / "refine_fdp"
+KILL_WORDS = ["-q", "optimizer.iterations=4", "checkpoint.interval_s=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    r = runner.invoke(app, [str(tiny_file), "--sf-cache", str(CACHE), "-o", str(out), *KILL_WORDS])
+    assert r.exit_code == 0, r.output
+    return R.read_result(out)
+
+
+def _start(args):
+    import subprocess
+    import sys
+    return subprocess.Popen([sys.executable, str(BIN), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def _wait_for_new_checkpoint(proc, ckpt, since_ns, timeout_s=90):
+    """Wait until ``proc`` has written ``ckpt`` (mtime after ``since_ns``); False if it ended."""
+    import time
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if proc.poll() is not None:
+            return False
+        try:
+            if ckpt.stat().st_mtime_ns > since_ns:
+                return True
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _same_answer(a, b):
+    for k in ("fp", "fdp", "fp_sigma", "fdp_sigma", "edge_ev", "lattice_G", "shoebox_background"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_array_equal(a["history"]["objective"], b["history"]["objective"])
+
+
+def _no_leftovers(folder):
+    left = [p.name for p in folder.iterdir() if p.name.endswith(".lock") or ".tmp" in p.name
+            or p.name.endswith(".bak")]
+    assert not left, left
+
+
+def test_sigkill_at_random_times_then_resume_gives_the_same_answer(tiny_file, uninterrupted, tmp_path):
+    """SIGKILL at random moments (checkpoints written at every evaluation, so some kills land
+    while one is written), then --resume: the result is bit for bit the uninterrupted one."""
+    import time
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)
+    out, ckpt = tmp_path / "k.h5", tmp_path / "k.ckpt.h5"
+    args = [tiny_file, "--sf-cache", CACHE, "-o", out, "--resume", *KILL_WORDS]
+    kills, evaluations = 0, []
+    for _ in range(3):
+        since = ckpt.stat().st_mtime_ns if ckpt.exists() else 0
+        proc = _start(args)
+        if not _wait_for_new_checkpoint(proc, ckpt, since):
+            break                                            # finished before the kill
+        time.sleep(rng.uniform(0.0, 0.8))
+        if proc.poll() is not None:
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        import h5py
+        with h5py.File(ckpt) as h5:                          # the last complete checkpoint
+            evaluations.append(int(h5.attrs["n_evaluations"]))
+    assert kills >= 2, f"seed {seed}: only {kills} kill(s) landed"
+    assert evaluations == sorted(evaluations) and evaluations[-1] > 0, (seed, evaluations)
+    proc = _start(args)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"seed {seed}\n{stdout}\n{stderr}"
+    _same_answer(R.read_result(out), uninterrupted)
+    _no_leftovers(tmp_path)
+
+
+def test_sigterm_writes_a_checkpoint_and_says_how_to_resume(tiny_file, uninterrupted, tmp_path):
+    import shlex
+    import signal
+    out, ckpt = tmp_path / "t.h5", tmp_path / "t.ckpt.h5"
+    proc = _start([tiny_file, "--sf-cache", CACHE, "-o", out, *KILL_WORDS])
+    assert _wait_for_new_checkpoint(proc, ckpt, 0)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, stderr
+    line = lines[0]
+    assert line.startswith("refine_fdp: interrupted by SIGTERM; checkpoint ") and str(ckpt) in line
+    assert "continue with: refine_fdp " in line and line.endswith("--resume")
+    assert ckpt.exists() and not out.exists()
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[0] == "refine_fdp"
+    proc = _start(command[1:])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    _same_answer(R.read_result(out), uninterrupted)
+    _no_leftovers(tmp_path)

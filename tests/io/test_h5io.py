@@ -69,3 +69,149 @@ def test_outputs_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (out.stat().st_mode & 0o777) == 0o644
+
+
+# --------------------------------------------------------------------------- checks, locks, units
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from spread_tools.io.h5io import (  # noqa: E402
+    OutputLock,
+    atomic_files,
+    check_readable,
+    check_writable,
+    lock_path,
+    open_h5,
+    script_run,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_check_writable_refuses_folder_missing_folder_and_inputs(tmp_path):
+    with pytest.raises(InputError, match="is a folder"):
+        check_writable(tmp_path)
+    with pytest.raises(InputError, match="folder .* does not exist"):
+        check_writable(tmp_path / "no" / "x.h5")
+    inp = tmp_path / "in.h5"
+    inp.write_text("x")
+    link = tmp_path / "link.h5"
+    link.symlink_to(inp)
+    with pytest.raises(InputError, match="is also an input"):
+        check_writable(link, overwrite=True, inputs=[inp])          # same file under another name
+    with script_run("demo"):
+        check_readable(inp)                                          # read: now an input of the run
+        with pytest.raises(InputError, match="is also an input"):
+            check_writable(inp, overwrite=True)
+        with pytest.raises(InputError, match="is also an input"):
+            atomic_write_text(inp, "destroyed", overwrite=True)      # the late safety net
+    assert inp.read_text() == "x"
+
+
+def _holder(path):
+    code = ("import sys; from spread_tools.io.h5io import OutputLock; "
+            f"l = OutputLock({str(path)!r}, script='holder').acquire(); print('ready', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_output_lock_refuses_a_second_writer_and_is_freed_by_sigkill(tmp_path):
+    out = tmp_path / "r.h5"
+    proc = _holder(out)
+    try:
+        with pytest.raises(InputError) as info:
+            OutputLock(out).acquire()
+        msg = str(info.value)
+        assert msg.startswith(f"{out}: another run is writing it (holder on host "
+                              f"{socket.gethostname()}, PID {proc.pid}")
+        with script_run("demo"):                                     # what every script does
+            with pytest.raises(InputError, match="another run is writing it"):
+                check_writable(out)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert lock_path(out).exists()                                   # left behind by the killed run ...
+    with script_run("demo"):
+        check_writable(out)                                          # ... and taken over
+        assert str(os.getpid()) in lock_path(out).read_text()
+        check_writable(out)                                          # the same run may claim twice
+    assert not lock_path(out).exists()                               # released at the end of the run
+
+
+def test_lock_cleans_temporaries_of_a_killed_writer(tmp_path):
+    out = tmp_path / "r.h5"
+    stale = tmp_path / ".r.h5.abc123.h5.tmp"
+    stale.write_text("half a file")
+    other = tmp_path / ".other.h5.x.h5.tmp"
+    other.write_text("not ours")
+    with script_run("demo"):
+        check_writable(out)
+    assert not stale.exists() and other.exists()
+
+
+def test_atomic_files_commit_together_or_roll_back(tmp_path, monkeypatch):
+    a, b = tmp_path / "r.h5", tmp_path / "r.csv"
+    with atomic_files([a, b]) as (ta, tb):
+        Path(ta).write_text("A1")
+        Path(tb).write_text("B1")
+    assert a.read_text() == "A1" and b.read_text() == "B1"
+    real = os.replace
+    calls = []
+
+    def failing_second(src, dst):
+        calls.append(dst)
+        if Path(dst) == b:
+            raise OSError(28, "No space left on device", str(dst))
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", failing_second)
+    with pytest.raises(InputError, match="r.csv: No space left on device"):
+        with atomic_files([a, b], overwrite=True) as (ta, tb):
+            Path(ta).write_text("A2")
+            Path(tb).write_text("B2")
+    monkeypatch.setattr(os, "replace", real)
+    assert a.read_text() == "A1" and b.read_text() == "B1"           # the pair is unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.h5"]
+
+
+def test_write_error_names_the_output(tmp_path):
+    out = tmp_path / "x.h5"
+    with pytest.raises(InputError, match=r"x.h5: cannot write \(No space left on device\)"):
+        with atomic_writer(out, "spread_tools.test", 1):
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hdf5_locked_by_another_process_is_not_called_damaged(tmp_path):
+    import h5py
+    path = tmp_path / "busy.h5"
+    with atomic_writer(path, "spread_tools.test", 1) as h5:
+        h5["a"] = np.arange(3)
+    code = (f"import h5py, sys; f = h5py.File({str(path)!r}, 'r+'); print('ready', flush=True); "
+            "sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        try:
+            h5py.File(path, "r").close()
+            pytest.skip("HDF5 file locking is off here (HDF5_USE_FILE_LOCKING)")
+        except OSError:
+            pass
+        with pytest.raises(InputError, match="busy.h5: is locked by another process") as info:
+            open_checked(path, "spread_tools.test")
+        assert "damaged" not in str(info.value).split("(")[0]
+        with pytest.raises(InputError, match="is locked by another process"):
+            open_h5(path, "HDF5 spectrum file")
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    with open_checked(path, "spread_tools.test") as h5:                # free again: readable
+        assert h5["a"].shape == (3,)

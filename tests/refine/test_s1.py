@@ -3,6 +3,7 @@ checkpoint/resume, input errors. Tiny datasets cut from test_data/dataset.h5."""
 
 import dataclasses
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -269,6 +270,12 @@ def test_refine_converges_and_reports(run_full, tiny):
     assert len(h["objective"]) == len(h["gradient_norm"]) == len(h["time_s"]) > 0
     assert res.message.startswith("converged") and np.all(np.diff(h["time_s"]) >= 0)
     assert h["objective"][-1] <= h["objective"][0]
+    # σ include the restraints' bias: never below the posterior σ; the Sauter f' scale is estimated
+    assert res.uncertainty == "calibrated"
+    assert np.all(res.fp_sigma >= res.fp_sigma_posterior) and np.all(res.fdp_sigma >= res.fdp_sigma_posterior)
+    assert np.any(res.fp_sigma > res.fp_sigma_posterior)
+    assert set(res.restraint_scales) == {"sauter_fp", "sauter_fdp", "kramers_kronig"}
+    assert res.restraint_scales["kramers_kronig"] == 1.0 and res.restraint_scales["sauter_fp"] > 0
 
 
 def test_resume_after_stop_gives_same_answer(run_full, tiny, cache, tmp_path):
@@ -291,6 +298,57 @@ def test_resume_after_stop_gives_same_answer(run_full, tiny, cache, tmp_path):
         R.refine([other], cache, cfg_of(*base), checkpoint=ck, resume=True, backend="cpu")
 
 
+class _StopAfter:
+    """A stop request (SIGTERM) that appears after ``n`` looks, i.e. at a chosen evaluation."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return signal.SIGTERM if self.n < 0 else None
+
+
+def test_resume_inside_a_macrocycle_is_bit_identical(run_full, tiny, cache, tmp_path):
+    """Stopped twice inside macrocycles (mid line search too): the checkpoint holds the L-BFGS-B
+    state, and the resumed run ends bit for bit where the uninterrupted one does."""
+    import h5py
+
+    from spread_tools.refine.checkpoint import Interrupted
+    ck = tmp_path / "m.ckpt.h5"
+    cfg = cfg_of("optimizer.iterations=4", "restraints.kramers_kronig.use=True")
+    with pytest.raises(Interrupted) as info:
+        R.refine([tiny], cache, cfg, checkpoint=ck, backend="cpu", stop=_StopAfter(14))
+    assert info.value.signum == signal.SIGTERM and info.value.checkpoint == ck
+    with h5py.File(ck) as h5:
+        assert h5.attrs["phase"] == "lbfgs" and "lbfgs/wa" in h5 and h5.attrs["macrocycle"] >= 1
+    with pytest.raises(Interrupted):
+        R.refine([tiny], cache, cfg, checkpoint=ck, resume=True, backend="cpu", stop=_StopAfter(7))
+    again = R.refine([tiny], cache, cfg, checkpoint=ck, resume=True, backend="cpu")
+    np.testing.assert_array_equal(again.x, run_full.x)
+    np.testing.assert_array_equal(again.history["objective"], run_full.history["objective"])
+    np.testing.assert_array_equal(again.fp_sigma, run_full.fp_sigma)
+    assert again.n_evaluations == run_full.n_evaluations
+
+
+def test_posterior_sigma_when_calibration_is_off(run_full, tiny, cache):
+    cfg = cfg_of("optimizer.iterations=4", "restraints.kramers_kronig.use=True",
+                 "uncertainty.calibrate=False")
+    res = R.refine([tiny], cache, cfg, backend="cpu")
+    np.testing.assert_array_equal(res.x, run_full.x)                  # the estimate is the same
+    assert res.uncertainty == "posterior"
+    np.testing.assert_array_equal(res.fp_sigma, run_full.fp_sigma_posterior)
+
+
+def test_nonsense_optimizer_settings_refused(tiny, cache):
+    for word, frag in (("optimizer.iterations=-1", "optimizer.iterations: must be at least 1"),
+                       ("optimizer.max_macrocycles=0", "max_macrocycles"),
+                       ("checkpoint.interval_s=-5", "interval_s")):
+        with pytest.raises(InputError, match=frag):
+            R.refine([tiny], cache, cfg_of(word), backend="cpu")
+
+
 def test_result_roundtrip(run_full, tmp_path):
     from spread_tools.physics.scattering import read_table
     out = tmp_path / "res.h5"
@@ -299,6 +357,8 @@ def test_result_roundtrip(run_full, tmp_path):
     back = R.read_result(out)
     np.testing.assert_array_equal(back["fdp"], run_full.fdp)
     np.testing.assert_array_equal(back["fp_sigma"], run_full.fp_sigma)
+    np.testing.assert_array_equal(back["fdp_sigma_posterior"], run_full.fdp_sigma_posterior)
+    assert back["uncertainty"] == "calibrated"
     t = read_table(out, site="FE2")
     np.testing.assert_array_equal(t.fdp, run_full.fdp[1])
     t = read_table(csv, site="FE1")

@@ -231,13 +231,11 @@ class _Images:
 
     def _open(self):
         if self.h5 is None:
-            import h5py
+            from spread_tools.io.h5io import note_input, open_h5
             if not Path(self.path).is_file():
                 raise InputError(f"{self.path}: no such image file")
-            try:
-                self.h5 = h5py.File(self.path, "r")
-            except OSError:
-                raise InputError(f"{self.path}: not an HDF5 image file") from None
+            note_input(self.path)
+            self.h5 = open_h5(self.path, "HDF5 image file")
             if self.dataset not in self.h5:
                 raise InputError(f"{self.path}: no dataset '{self.dataset}' (set images.dataset)")
         return self.h5[self.dataset]

@@ -125,9 +125,10 @@ def read_spectrum(spec, experiment_index=0):
         if row is not None:
             raise InputError(f"{spec}: a row can only be chosen in an HDF5 spectrum file")
         return read_lam(path)
-    import h5py
+    from spread_tools.io.h5io import note_input, open_h5
+    note_input(path)
     try:
-        with h5py.File(path, "r") as h5:
+        with open_h5(path, "HDF5 spectrum file") as h5:
             if "weight" not in h5 or not ("energy_ev" in h5 or "wavelength_a" in h5):
                 raise InputError(f"{path}: HDF5 spectra need 'weight' and 'energy_ev' or 'wavelength_a'")
             w = np.asarray(h5["weight"][()], dtype=np.float64)
