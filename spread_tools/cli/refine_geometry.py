@@ -24,16 +24,18 @@ import typer
 
 from spread_tools.cli.common import (
     ConfigFile,
-    Output,
     Overwrite,
     Quiet,
     ShowConfig,
     Words,
+    claim_outputs,
     command_settings,
     make_app,
+    output_option,
     parse_words,
     require_files,
     require_output,
+    resume_command,
     user_errors,
 )
 from spread_tools.errors import InputError
@@ -45,6 +47,13 @@ SCHEMA = GEOMETRY_SCHEMA
 SfCache = Annotated[Optional[Path], typer.Option(
     "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
                              "as the dataset.")]
+Output = output_option("Refined dataset to write (.h5); the per-lattice table goes next to it as "
+                       "<stem>.lattices.csv and the checkpoint as <stem>.ckpt.h5.")
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue from the checkpoint (<stem>.ckpt.h5 or checkpoint.path) when it "
+                     "exists; it must come from the same inputs and parameters.")]
+USAGE = "DATASET.h5 --sf-cache SF_CACHE.h5 -o REFINED.h5 [key=value ...] [OPTIONS]"
+EXAMPLE = "refine_geometry dataset.h5 --sf-cache sf_cache.h5 -o refined.h5 cell.sigma_fraction=0.003"
 
 app = make_app(SCRIPT, "Refine the crystal model of every lattice (orientation, unit cell, mosaic "
                        "domain size and spread, G, shoebox backgrounds) and the spectrometer's energy "
@@ -53,43 +62,70 @@ app = make_app(SCRIPT, "Refine the crystal model of every lattice (orientation, 
                        "the refined dataset (-o, .h5) and a per-lattice table (.lattices.csv).")
 
 
-@app.command(**command_settings(SCHEMA))
+@app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, sf_cache: SfCache = None, output: Output = None,
         config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False,
-        quiet: Quiet = False):
-    """Refine per-lattice crystal models of a SPREAD dataset before S1 (refine_fdp)."""
+        resume: Resume = False, quiet: Quiet = False):
+    """Refine per-lattice crystal models of a SPREAD dataset before S1 (refine_fdp).
+
+    Orientation, cell, mosaic domain size and spread, G and backgrounds per lattice and the
+    spectrometer's energy offset, by the Poisson likelihood of the shoebox pixels with f'/f''
+    held fixed. Runs under mpiexec/srun (lattices split over ranks). Writes -o refined.h5
+    and refined.lattices.csv; checkpoints after every fit and every checkpoint.interval_s
+    seconds (--resume continues to the same answer); SIGTERM or Ctrl-C writes a checkpoint
+    and exits with the command that continues.
+    """
     from spread_tools.refine.mpi import get_comm
     comm = get_comm()
     if comm.rank != 0:
         try:
-            _run(comm, words, sf_cache, output, config, False, overwrite, True)
+            _run(comm, words, sf_cache, output, config, False, overwrite, resume, True)
         except InputError:
             raise typer.Exit(2) from None           # rank 0 reports the same error once
         except BaseException:
             comm.comm.Abort(1)
             raise
         return
-    _run(comm, words, sf_cache, output, config, show_config, overwrite, quiet)
+    _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, quiet)
 
 
-def _run(comm, words, sf_cache, output, config, show_config, overwrite, quiet):
+def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, quiet):
     root = comm.rank == 0
     with (user_errors(SCRIPT) if root else contextlib.nullcontext()):
         from spread_tools.io.dataset import Dataset
-        from spread_tools.io.h5io import atomic_write_text, check_writable
+        from spread_tools.io.h5io import atomic_write_text
+        from spread_tools.refine.checkpoint import Interrupted, StopSignals
         from spread_tools.refine.crystal_models import (lattice_table_csv, refine_geometry,
                                                         refined_dataset, table_extras)
+        from spread_tools.refine.mpi import select_device_for_rank
         from spread_tools.structure.cache import SFCache
         files, cfg = parse_words(SCHEMA, words, config, show_config)
         (path,) = require_files(files, ["dataset (.h5)"], SCRIPT)
         if sf_cache is None:
             raise InputError("command line: give the structure-factor cache with --sf-cache FILE.h5")
+        require_files([sf_cache], ["SF cache"], SCRIPT)
         output = Path(require_output(output, "refined dataset"))
         csv = output.with_name(output.stem + ".lattices.csv")
-        for out in (output, csv):
-            if out.resolve() in (Path(path).resolve(), Path(sf_cache).resolve()):
-                raise InputError(f"{out}: the output would replace an input; choose another -o")
-            check_writable(out, overwrite)
+        ckpt = Path(cfg.checkpoint.path) if cfg.checkpoint.path else output.with_name(output.stem + ".ckpt.h5")
+        failure = None
+        if root:         # rank 0 checks and locks the outputs; every rank learns the verdict
+            try:
+                inputs = [path, sf_cache, cfg.curves.result]
+                if ckpt.exists() and not resume and not overwrite:
+                    raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
+                                     f"start afresh with --overwrite")
+                claim_outputs([output, csv], inputs=inputs, overwrite=overwrite or resume)
+                claim_outputs([ckpt], inputs=inputs, overwrite=True)
+            except InputError as exc:
+                failure = exc
+        if comm.size > 1 and int(comm.bcast_obj(failure is not None)):
+            if root:
+                raise failure
+            raise InputError("rank 0 refused the command line")
+        if failure is not None:
+            raise failure
+        if cfg.backend != "cpu":
+            select_device_for_rank(comm)
         t0 = time.perf_counter()
         ds = Dataset.read(path)
         cache = SFCache.read(sf_cache)
@@ -97,12 +133,21 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, quiet):
         def log(s):
             if root and not quiet:
                 typer.echo(f"{SCRIPT}: {s}", err=True)
-        result = refine_geometry(ds, cache, cfg, comm=comm, log=log)
+        with StopSignals() as stop:
+            try:
+                result = refine_geometry(ds, cache, cfg, comm=comm, log=log, checkpoint=ckpt,
+                                         resume=resume, stop=stop)
+            except Interrupted as exc:
+                if root:
+                    typer.echo(f"{SCRIPT}: {exc}; continue with: {resume_command(SCRIPT)}", err=True)
+                raise typer.Exit(exc.exit_code) from None
         if not root:
             return
         refined = refined_dataset(ds, result, cfg.to_json())
-        refined.write(output, overwrite=overwrite, extra=table_extras(result))
-        atomic_write_text(csv, lattice_table_csv(result.table), overwrite=overwrite)
+        refined.write(output, overwrite=overwrite or resume, extra=table_extras(result))
+        atomic_write_text(csv, lattice_table_csv(result.table), overwrite=overwrite or resume)
+        if not cfg.checkpoint.keep and ckpt.exists():
+            ckpt.unlink()
         t = result.table
         k = result.kept
         typer.echo(f"{SCRIPT}: kept {len(k)} of {ds.n_lattices} lattices; energy offset "

@@ -115,6 +115,12 @@ GEOMETRY_SCHEMA = {
     },
     "backend": P("auto", "kernels", choices=("auto", "cpu", "cuda")),
     "oversample": P(1, "sub-pixels per pixel edge"),
+    "checkpoint": {
+        "path": P(None, "checkpoint file (None: <output stem>.ckpt.h5)", type=str),
+        "interval_s": P(300.0, "also write the checkpoint this often during the per-lattice fits "
+                               "(0: after every iteration)", units="s"),
+        "keep": P(False, "keep the checkpoint after a finished run"),
+    },
 }
 
 #: Columns of the per-lattice table (CSV and ``geometry_refinement/`` in the output).
@@ -267,7 +273,8 @@ def _ordered_sum(comm, values, counts):
     return float(comm.bcast_array([total], 1)[0])
 
 
-def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
+def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoint=None, resume=False,
+                    stop=None):
     """Refine the crystal model of every lattice of a dataset (collective: call on every rank).
 
     Parameters
@@ -282,6 +289,16 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
         Receives log lines (rank 0).
     backend : str, optional
         Overrides ``cfg.backend``.
+    checkpoint : str or Path, optional
+        Checkpoint file (written by rank 0) after every per-lattice fit and energy-offset
+        step, and every ``checkpoint.interval_s`` seconds and on a stop request within a fit.
+    resume : bool
+        Continue from ``checkpoint`` when it exists (refused when it was written for other
+        data or other answer-changing parameters). The resumed run reaches the answer of an
+        uninterrupted one bit for bit, also with another number of ranks.
+    stop : spread_tools.refine.checkpoint.StopSignals, optional
+        A stop request (SIGTERM, SIGINT) makes the run write a checkpoint and raise
+        :class:`~spread_tools.refine.checkpoint.Interrupted`; rank 0's request stops every rank.
 
     Returns
     -------
@@ -333,26 +350,57 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
         st = prob.initial_state(np.array(U0), np.array(p0), delta=start)
         ev0 = prob.evaluate(st, want_lam=True)
         st0 = st.copy()
-    delta = start
-    history = []
+    ck = _checkpointer(checkpoint if root else None, cfg, ds, cache, stop)
+    saved = _load_checkpoint(ck, comm, resume)
+    pos = {"mc": 0, "phase": "fit", "final": False, "delta": start, "history": []}
     converged = np.zeros(len(mine), bool)
     iterations = np.zeros(len(mine), np.int64)
-    for mc in range(fs.max_macrocycles):
+    fit_resume = None
+    if saved is not None:
+        pos = json.loads(saved["attrs"]["position"])
         if hi > lo:
-            st, ev, info = prob.fit(st)
-            converged, iterations = info["converged"], iterations + info["iterations"]
+            st, converged, iterations, fit_resume = _unpack_state(prob, st, saved, lo, hi, pos)
+            prob.prepare_intensities(st)
+        say(f"resuming from {checkpoint}: macrocycle {pos['mc'] + 1}, {pos['phase']} step")
+    delta, history = pos["delta"], pos["history"]
+    ev = None
+
+    def pack(fit_progress=None):
+        return _pack_state(comm, prob if hi > lo else None, st if hi > lo else None, counts,
+                           converged, iterations, fit_progress, dict(pos, delta=delta, history=history))
+
+    def hook(progress):
+        _sync_checkpoint(comm, ck, lambda: pack(progress()),
+                         detail=f"macrocycle {pos['mc'] + 1}, in the per-lattice fits")
+
+    while True:
+        mc = pos["mc"]
+        if pos["phase"] == "fit":
+            if hi > lo:
+                st, ev, info = prob.fit(st, resume=fit_resume, on_iteration=hook)
+                converged, iterations = info["converged"], iterations + info["iterations"]
+                f_total = _ordered_sum(comm, ev.f_lat, counts)
+            else:
+                f_total = _ordered_sum(comm, [], counts)
+            fit_resume = None
+            n_conv = int(_ordered_sum(comm, converged.astype(float), counts))
+            history.append({"macrocycle": mc + 1, "objective": f_total, "energy_offset_ev": delta,
+                            "converged_lattices": n_conv})
+            say(f"macrocycle {mc + 1}: objective {f_total:.3f}, {n_conv} of {len(candidate)} lattices "
+                f"converged, energy offset {delta:+.3f} eV")
+            if fs.offset == "off" or mc == fs.max_macrocycles - 1 or pos["final"]:
+                break
+            pos["phase"] = "offset"
+            _sync_checkpoint(comm, ck, pack, force=True, detail=f"macrocycle {mc + 1} done")
+            continue
+        # the global energy offset: a profiled Newton step, halved until the objective falls
+        if hi > lo:
+            ev = ev or prob.evaluate(st)
             f_total = _ordered_sum(comm, ev.f_lat, counts)
+            h, c = prob.offset_terms(st, ev)
         else:
             f_total = _ordered_sum(comm, [], counts)
-        n_conv = int(_ordered_sum(comm, converged.astype(float), counts))
-        entry = {"macrocycle": mc + 1, "objective": f_total, "energy_offset_ev": delta,
-                 "converged_lattices": n_conv}
-        history.append(entry)
-        say(f"macrocycle {mc + 1}: objective {f_total:.3f}, {n_conv} of {len(candidate)} lattices "
-            f"converged, energy offset {delta:+.3f} eV")
-        if fs.offset == "off" or mc == fs.max_macrocycles - 1:
-            break
-        h, c = prob.offset_terms(st, ev) if hi > lo else (np.zeros(0), np.zeros(0))
+            h, c = np.zeros(0), np.zeros(0)
         H, C = _ordered_sum(comm, h, counts), _ordered_sum(comm, c, counts)
         step = -H / C if C > 0 else 0.0
         accepted = 0.0
@@ -372,12 +420,9 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
         if accepted == 0.0 and hi > lo:
             prob.prepare_intensities(st)
         delta += accepted
-        entry["offset_step_ev"] = accepted
-        if abs(accepted) < fs.offset_tol_ev:
-            if hi > lo:
-                st, ev, info = prob.fit(st)
-                converged, iterations = info["converged"], iterations + info["iterations"]
-            break
+        history[-1]["offset_step_ev"] = accepted
+        pos.update(mc=mc + 1, phase="fit", final=abs(accepted) < fs.offset_tol_ev)
+        _sync_checkpoint(comm, ck, pack, force=True, detail=f"energy offset step {mc + 1} done")
     delta_sigma = float("nan")
     if fs.offset != "off":
         c = prob.offset_terms(st, ev)[1] if hi > lo else np.zeros(0)
@@ -395,6 +440,118 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None):
     if result is not None:
         result.energy_offset_sigma_ev = delta_sigma
     return result
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+#: Parameters that do not change the answer (left out of the checkpoint's configuration check).
+OPERATIONAL = ("backend", "checkpoint.path", "checkpoint.keep", "checkpoint.interval_s",
+               "optimizer.max_macrocycles")
+
+
+def _checkpointer(path, cfg, ds, cache, stop):
+    from spread_tools.refine.checkpoint import Checkpointer, answer_config, fingerprint
+    return Checkpointer(path, "refine_geometry", answer_config(cfg, OPERATIONAL),
+                        fingerprint([ds.counts, ds.mask, ds.A, ds.energy_ev, ds.spectrum_weight,
+                                     cache.hkl, cache.F_base]),
+                        interval_s=cfg.checkpoint.interval_s, stop=stop)
+
+
+def _load_checkpoint(ck, comm, resume):
+    """The saved state on every rank (rank 0 reads, then broadcasts), or None."""
+    saved = ck.load() if (resume and comm.rank == 0) else None
+    if comm.size == 1:
+        return saved
+    have = int(comm.bcast_obj(saved is not None))
+    if not have:
+        return None
+    attrs = comm.bcast_obj({"position": saved["attrs"]["position"]} if comm.rank == 0 else None)
+    arrays = {}
+    for name in ("lattice", "shoebox"):
+        shape = comm.bcast_obj(list(saved["arrays"][name].shape) if comm.rank == 0 else None)
+        flat = comm.bcast_array(saved["arrays"][name].ravel() if comm.rank == 0 else None, int(np.prod(shape)))
+        arrays[name] = flat.reshape(shape)
+    return {"attrs": attrs, "arrays": arrays}
+
+
+_LATTICE_FIELDS = ("theta", "p", "mosaic_deg", "N", "u_mosaic", "u_N", "dlat", "g")
+_FIT_FIELDS = ("mu", "active", "converged", "iterations", "decrement")
+
+
+def _lattice_columns(st):
+    return [np.asarray(getattr(st, f), np.float64).reshape(st.n_lat, -1) for f in _LATTICE_FIELDS]
+
+
+def _pack_state(comm, prob, st, counts, converged, iterations, fit_progress, position):
+    """The whole run's state, gathered in lattice order on rank 0 (collective; None elsewhere).
+
+    ``lattice`` rows: the state fields, the fit progress, converged, iterations and the
+    lattice's number of shoeboxes (last column); ``shoebox`` rows: the background planes.
+    """
+    if st is not None:
+        fit = fit_progress or {}
+        extra = [np.asarray(fit[f], np.float64).reshape(-1, 1) if f in fit else np.full((st.n_lat, 1), np.nan)
+                 for f in _FIT_FIELDS]
+        local = np.concatenate(_lattice_columns(st) + extra + [
+            converged.reshape(-1, 1).astype(float), iterations.reshape(-1, 1).astype(float),
+            np.diff(prob.lat_sb_off).reshape(-1, 1).astype(float)], axis=1)
+        bg = st.bg
+    width = local.shape[1] if st is not None else None
+    if comm.size > 1:
+        widths = comm.concat(np.array([width or 0], float), [1] * comm.size)
+        width = int(comm.bcast_array([widths.max()] if comm.rank == 0 else None, 1)[0])
+    if st is None:
+        local, bg = np.zeros((0, width)), np.zeros((0, 3))
+    rows = comm.concat(local.ravel(), [c * width for c in counts])
+    sb_counts = None
+    if comm.rank == 0:
+        rows = rows.reshape(-1, width)
+        edges = np.concatenate([[0], np.cumsum(counts)])
+        sb_counts = [3 * int(rows[a:b, -1].sum()) for a, b in zip(edges[:-1], edges[1:])]
+    bgs = comm.concat(bg.ravel(), sb_counts if sb_counts is not None else [0] * comm.size)  # counts: root only
+    if comm.rank != 0:
+        return None
+    pos = dict(position, fit_it=int(fit_progress["it"]) if fit_progress else None,
+               fit_n_eval=int(fit_progress["n_eval"]) if fit_progress else None)
+    return {"attrs": {"position": json.dumps(pos)},
+            "arrays": {"lattice": rows, "shoebox": bgs.reshape(-1, 3)}}
+
+
+def _unpack_state(prob, st, saved, lo, hi, pos):
+    """This rank's lattices' state from a checkpoint (rows ``lo:hi`` in lattice order)."""
+    table = saved["arrays"]["lattice"]
+    rows = table[lo:hi]
+    sb0 = int(table[:lo, -1].sum())
+    st = st.copy()
+    c = 0
+    for f, col in zip(_LATTICE_FIELDS, _lattice_columns(st)):
+        k = col.shape[1]
+        getattr(st, f)[...] = rows[:, c:c + k].reshape(getattr(st, f).shape)
+        c += k
+    fit = {f: rows[:, c + i] for i, f in enumerate(_FIT_FIELDS)}
+    c += len(_FIT_FIELDS)
+    converged = rows[:, c].astype(bool)
+    iterations = rows[:, c + 1].astype(np.int64)
+    st.bg[...] = saved["arrays"]["shoebox"][sb0:sb0 + len(st.bg)]
+    st.delta = float(pos["delta"])
+    prob._update_physical(st)
+    fit_resume = None
+    if pos.get("fit_it") is not None:
+        fit_resume = dict(fit, it=pos["fit_it"], n_eval=pos["fit_n_eval"])
+    return st, converged, iterations, fit_resume
+
+
+def _sync_checkpoint(comm, ck, make_state, force=False, detail=""):
+    """Collective: rank 0 decides whether to write (interval, stop request) and whether to stop."""
+    from spread_tools.refine.checkpoint import Interrupted
+    flags = np.array([float(force or ck.due()), float(ck.stop_requested or 0)]) if comm.rank == 0 else None
+    flags = comm.bcast_array(flags, 2) if comm.size > 1 else flags
+    if flags[0] and (ck.path is not None or comm.size > 1):
+        state = make_state()
+        if comm.rank == 0:
+            ck.save(state)
+    if flags[1]:
+        raise Interrupted(int(flags[1]), ck.path, detail)
 
 
 def _describe(fs):

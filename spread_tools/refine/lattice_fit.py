@@ -544,8 +544,22 @@ class LatticeProblem:
         return new
 
     # ------------------------------------------------------------------ solver
-    def fit(self, st, ev=None, log=None):
+    def fit(self, st, ev=None, log=None, resume=None, on_iteration=None):
         """Levenberg–Marquardt on every lattice until each converges or stalls.
+
+        Parameters
+        ----------
+        st : CrystalState
+            Start (changed in place).
+        ev : Evaluation, optional
+            The evaluation at ``st`` (computed when not given).
+        log : callable, optional
+        resume : dict, optional
+            Progress saved by ``on_iteration`` (continues exactly where it was taken).
+        on_iteration : callable, optional
+            Called after every iteration with a function that returns the progress
+            (``mu``, ``active``, ``converged``, ``iterations``, ``decrement``, ``it``,
+            ``n_eval``); a checkpoint stores it together with ``st``.
 
         Returns
         -------
@@ -564,8 +578,12 @@ class LatticeProblem:
         converged = np.zeros(n, bool)
         iterations = np.zeros(n, np.int64)
         decrement = np.full(n, np.inf)
-        n_eval = 1
-        for it in range(fs.max_iterations + 1):
+        n_eval, it0 = 1, 0
+        if resume is not None:
+            mu, active, converged = resume["mu"].copy(), resume["active"].astype(bool), resume["converged"].astype(bool)
+            iterations, decrement = resume["iterations"].astype(np.int64), resume["decrement"].copy()
+            n_eval, it0 = int(resume["n_eval"]), int(resume["it"])
+        for it in range(it0, fs.max_iterations + 1):
             idx = np.flatnonzero(active)
             if len(idx) == 0:
                 break
@@ -596,6 +614,10 @@ class LatticeProblem:
             if log:
                 log(f"iteration {it + 1}: {len(idx)} lattices moving, {int(converged.sum())} converged, "
                     f"{len(good)} steps accepted")
+            if on_iteration is not None:
+                on_iteration(lambda: {"mu": mu, "active": active, "converged": converged,
+                                      "iterations": iterations, "decrement": decrement,
+                                      "it": it + 1, "n_eval": n_eval})
         return st, ev, {"converged": converged, "iterations": iterations, "evaluations": n_eval,
                         "decrement": decrement}
 

@@ -87,6 +87,13 @@ SCRIPTS = {
         "result.h5", written=lambda out: [out, out.with_suffix(".csv"),
                                           out.with_name(out.stem + ".ckpt.h5")],
         as_input=lambda w: w / "tiny.h5", hdf5_input=lambda w: w / "tiny.h5"),
+    "refine_geometry": Script(
+        "spread_tools.cli.refine_geometry",
+        lambda w, out: [w / "tiny.h5", "--sf-cache", w / "sf_cache.h5", "-o", out, "-q",
+                        "refine.energy_offset=off", "lattice.min_shoeboxes=3"],
+        "refined.h5", written=lambda out: [out, out.with_name(out.stem + ".lattices.csv"),
+                                           out.with_name(out.stem + ".ckpt.h5")],
+        as_input=lambda w: w / "tiny.h5", hdf5_input=lambda w: w / "tiny.h5"),
     "plot_curves": Script(
         "spread_tools.cli.plot_curves",
         lambda w, out: [w / "result.h5", "-o", out, "-q"],
@@ -133,6 +140,10 @@ def work():
     shutil.copy(TEST_DATA / "models" / "6lk1.pdb", w / "model.pdb")
     shutil.copy(TEST_DATA / "sf_cache.h5", w / "sf_cache.h5")
     shutil.copy(TEST_DATA / "spectra" / "pf-rd-ox_fftkk.out", w / "ox.out")
+    # a table that stops short of the spectra (7000-7050 eV)
+    (w / "ox_cut.out").write_text("".join(ln for ln in (w / "ox.out").read_text().splitlines(True)
+                                          if ln.split() and ln.split()[0].replace(".", "").isdigit()
+                                          and 7000 <= float(ln.split()[0]) <= 7050))
     shutil.copy(TEST_DATA / "spectra" / "pf-rd-red_fftkk.out", w / "red.out")
     shutil.copytree(TEST_DATA / "dials" / "sim", w / "sim")
     ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices([0])
@@ -260,6 +271,18 @@ EXTRA = [
     ("import_dials", ["d_min=5", "d_max=4"], "parameter d_min"),
     ("refine_fdp", ["optimizer.iterations=-1"], "parameter optimizer.iterations"),
     ("plot_curves", ["energy.min_ev=7170", "energy.max_ev=7070"], "parameter energy.max_ev"),
+    # refine_geometry (issue 10): restraint sigma <= 0, an unknown family, bad bounds, a table
+    # that does not cover the spectra
+    ("refine_geometry", ["cell.sigma_fraction=0"], "cell.sigma_fraction"),
+    ("refine_geometry", ["cell.sigma_edges_a=0.04,-1,0.15"], "must be positive"),
+    ("refine_geometry", ["refine.strain=True"], "unknown parameter"),
+    ("refine_geometry", ["refine.domain_size=both"], "refine.domain_size"),
+    ("refine_geometry", ["mosaic.min_deg=1", "mosaic.max_deg=0.1"], "mosaic.min_deg"),
+    ("refine_geometry", ["mosaic.log_sigma=0"], "mosaic.log_sigma"),
+    ("refine_geometry", ["curves.tables=FE1=__ox_cut__"], "covers"),
+    ("refine_geometry", ["curves.tables=FE7=__ox_cut__"], "not in the SF cache"),
+    ("refine_geometry", ["curves.result=__ox_cut__"], "refine_fdp result"),
+    ("refine_geometry", ["optimizer.max_macrocycles=0"], "optimizer.max_macrocycles"),
 ]
 
 
@@ -307,6 +330,7 @@ def test_parameter_mistake_gives_one_clean_line(name, words, fragment, work):
     out_dir.mkdir(exist_ok=True)
     out = out_dir / script.out_name
     before = _digest(work)
+    words = [wd.replace("__ox_cut__", str(work / "ox_cut.out")) for wd in words]
     _check(name, _invoke(name, script.argv(work, out) + words), fragment, work, before,
            script.written(out))
     shutil.rmtree(out_dir)

@@ -64,7 +64,7 @@ def test_refuses_to_overwrite_and_to_replace_its_input(data, tmp_path):
     assert_one_line_error(runner.invoke(app, [str(data), "--sf-cache", str(CACHE), "-o", str(out)]),
                           "refine_geometry", "exists")
     assert_one_line_error(runner.invoke(app, [str(data), "--sf-cache", str(CACHE), "-o", str(data),
-                                              "--overwrite"]), "refine_geometry", "replace an input")
+                                              "--overwrite"]), "refine_geometry", "also an input")
     assert out.read_text() == "x"
 
 
@@ -109,3 +109,35 @@ def test_two_ranks_give_the_single_rank_answer(data, tmp_path):
     a, b = Dataset.read(outs[0]), Dataset.read(outs[1])
     assert np.array_equal(a.A, b.A) and np.array_equal(a.energy_ev, b.energy_ev)
     assert (tmp_path / "r1.lattices.csv").read_text() == (tmp_path / "r2.lattices.csv").read_text()
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_gives_the_same_answer(data, tmp_path):
+    import signal
+    import time
+    words = ["checkpoint.interval_s=0", "optimizer.max_macrocycles=3"]
+    base = [sys.executable, "-m", "spread_tools.cli.refine_geometry", str(data), "--sf-cache", str(CACHE)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
+    ref = tmp_path / "ref.h5"
+    r = subprocess.run(base + ["-o", str(ref), "-q", *words], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run.h5"
+    ckpt = tmp_path / "run.ckpt.h5"
+    proc = subprocess.Popen(base + ["-o", str(out), *words], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    t0 = time.time()
+    while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 143, stderr
+    last = [ln for ln in stderr.splitlines() if ln.strip()][-1]
+    assert "interrupted by SIGTERM" in last and "--resume" in last and ckpt.exists()
+    r = subprocess.run(base + ["-o", str(out), "-q", "--resume", *words], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(Dataset.read(out).A, Dataset.read(ref).A)
+    assert (tmp_path / "run.lattices.csv").read_text() == (tmp_path / "ref.lattices.csv").read_text()
+    assert not ckpt.exists() and not list(tmp_path.glob("*.lock"))

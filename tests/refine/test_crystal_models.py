@@ -173,3 +173,42 @@ def test_per_shot_offsets_move_each_spectrum_onto_the_common_channels(ly99, cach
     inside = np.abs(out.spectrum_weight.sum(axis=1) / before.sum(axis=1) - 1) < 1e-6   # nothing lost
     assert inside.sum() >= 3
     np.testing.assert_allclose(moved[inside], off[inside], atol=0.01)
+
+
+class _StopAfter:
+    """A stop request that arrives at the n-th time it is looked at (like a signal mid-run)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    @property
+    def requested(self):
+        self.n -= 1
+        return 15 if self.n < 0 else None
+
+
+@pytest.mark.parametrize("stop_at", [3, 12, 40])
+def test_stop_and_resume_reaches_the_uninterrupted_answer_bit_for_bit(ly99, cache, tmp_path, stop_at):
+    from spread_tools.refine.checkpoint import Interrupted
+    words = ["checkpoint.interval_s=0", "optimizer.max_macrocycles=3"]
+    cfg = resolve(GEOMETRY_SCHEMA, overrides=words)
+    ref = refine_geometry(ly99, cache, cfg)
+    ckpt = tmp_path / "g.ckpt.h5"
+    with pytest.raises(Interrupted) as exc:
+        refine_geometry(ly99, cache, cfg, checkpoint=ckpt, stop=_StopAfter(stop_at))
+    assert exc.value.exit_code == 143 and ckpt.exists()
+    again = refine_geometry(ly99, cache, cfg, checkpoint=ckpt, resume=True)
+    assert np.array_equal(again.A, ref.A, equal_nan=True)
+    assert again.energy_offset_ev == ref.energy_offset_ev
+    assert lattice_table_csv(again.table) == lattice_table_csv(ref.table)
+
+
+def test_resume_refuses_a_checkpoint_of_other_parameters(ly99, cache, tmp_path):
+    from spread_tools.refine.checkpoint import Interrupted
+    ckpt = tmp_path / "g.ckpt.h5"
+    with pytest.raises(Interrupted):
+        refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=["checkpoint.interval_s=0"]),
+                        checkpoint=ckpt, stop=_StopAfter(2))
+    with pytest.raises(InputError, match="another configuration"):
+        refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=["cell.sigma_fraction=0.01"]),
+                        checkpoint=ckpt, resume=True)
