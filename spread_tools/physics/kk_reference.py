@@ -368,22 +368,26 @@ def discretisation_floor(window_kk, phases=(0.0, 0.25, 0.5, 0.75)):
     Returns
     -------
     dict
-        ``rms`` (over all probes and nodes, e⁻), ``max`` (e⁻), ``per_probe``
-        (list of (shift_ev, rms, max)), ``step_ev``.
+        ``rms`` (over all probes and nodes, e⁻), ``max`` (e⁻), ``rms_about_mean`` (each
+        probe's residual less its mean: the floor when a constant offset is free),
+        ``per_probe`` (list of (shift_ev, rms, max)), ``step_ev``.
     """
     ref = window_kk.reference
     x = window_kk.window_ev
     step = float(np.median(np.diff(x)))
     A, a0 = window_kk.fp_operator(x)
     keep = ref.energy_ev > 4.0 * step
-    res, per = [], []
+    res, per, centred = [], [], []
     for ph in phases:
         shift = float(ph) * step
         probe = ReferenceCurve(ref.energy_ev[keep] + shift, ref.fdp_nodes[keep], ref.constant,
                                source="probe")
         r = probe.fp(x) - (a0 + A @ probe.fdp(x))
         res.append(r)
+        centred.append(r - r.mean())
         per.append((shift, float(np.sqrt(np.mean(r * r))), float(np.max(np.abs(r)))))
     res = np.concatenate(res)
+    centred = np.concatenate(centred)
     return {"rms": float(np.sqrt(np.mean(res * res))), "max": float(np.max(np.abs(res))),
+            "rms_about_mean": float(np.sqrt(np.mean(centred * centred))),
             "per_probe": per, "step_ev": step}

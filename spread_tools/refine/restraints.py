@@ -21,7 +21,11 @@ Sauter (2020) adjacent-difference restraint, on f′ or f″ (:class:`SauterRest
 
 Kramers–Kronig restraint (:class:`KramersKronigRestraint`)::
 
-    r_s = f′_s − (a0_s + A_s f″_s),     f = w Σ_s Σ_k r_sk²
+    r_s = f′_s − (a0_s + A_s f″_s),     f = w Σ_s Σ_k (r_sk − r̄_s)²
+
+(r̄_s the mean over the grid: with ``offset=True``, the default, a constant in f′ is free,
+what the far tails and the relativistic term leave and what the window cannot tell; with
+``offset=False`` r̄ = 0)
 
 with ``(A_s, a0_s)`` the exact operator of
 :class:`spread_tools.physics.kk_reference.WindowKK` at the grid nodes: f″ linear between
@@ -105,8 +109,9 @@ RESTRAINT_SCHEMA = {
         "fdp_step_ev": P(None, "constrained mode: step of the refined f'' grid (None: grid.step_ev); "
                          "restraints.fdp.sigma then applies per grid.step_ev, scaled by "
                          "sqrt(step/grid.step_ev)", units="eV", type=float),
-        "offset": P(True, "constrained mode: refine a constant added to f' of each site (what "
-                    "the far tails and the relativistic term leave)"),
+        "offset": P(True, "a constant in f' of each site is free (what the far tails and the "
+                    "relativistic term leave): the restraint acts on f' - KK[f''] less its mean; "
+                    "the constrained mode refines the constant"),
     },
 }
 
@@ -294,12 +299,15 @@ class KramersKronigRestraint(_Term):
         or one per site, e.g. per element); its window nodes are the grid.
     weight : float, optional
         w (e⁻⁻², >= 0); default ``1 / (2 σ_floor²)`` with σ_floor the
-        :func:`~spread_tools.physics.kk_reference.discretisation_floor` of the operators.
+        :func:`~spread_tools.physics.kk_reference.discretisation_floor` of the operators
+        (about its mean with ``offset``).
+    offset : bool
+        A constant in f′ per site is free: the residual's mean is removed.
     """
 
     name = "kramers_kronig"
 
-    def __init__(self, layout, operators, weight=None):
+    def __init__(self, layout, operators, weight=None, offset=True):
         from spread_tools.physics.kk_reference import WindowKK, discretisation_floor
         if layout.kinds != ("fp", "fdp"):
             raise InputError("restraint: the Kramers-Kronig restraint needs f' and f'' in the layout")
@@ -310,6 +318,7 @@ class KramersKronigRestraint(_Term):
             raise InputError(f"restraint: the KK operator has {ops[0].n} nodes, the layout "
                              f"{layout.n_grid} grid points")
         self.layout, self.operators = layout, ops
+        self.offset = bool(offset)
         mats = {}
         for o in ops:
             if id(o) not in mats:
@@ -320,9 +329,10 @@ class KramersKronigRestraint(_Term):
         for o in ops:
             if id(o) not in floors:
                 floors[id(o)] = discretisation_floor(o)
-        self.floor = max(floors.values(), key=lambda d: d["rms"])
+        self._floor_key = "rms_about_mean" if self.offset else "rms"
+        self.floor = max(floors.values(), key=lambda d: d[self._floor_key])
         if weight is None:
-            self.weight = kk_weight_from_floor(self.floor["rms"])
+            self.weight = kk_weight_from_floor(self.floor[self._floor_key])
             self.weight_from_floor = True
         else:
             try:
@@ -336,7 +346,7 @@ class KramersKronigRestraint(_Term):
             self.weight_from_floor = False
 
     @classmethod
-    def from_reference(cls, layout, energy_ev, reference, pad_ev=100.0, weight=None):
+    def from_reference(cls, layout, energy_ev, reference, pad_ev=100.0, weight=None, offset=True):
         """Build the operators from a grid and a reference (one, or one per site).
 
         Parameters
@@ -347,6 +357,7 @@ class KramersKronigRestraint(_Term):
         reference : ReferenceCurve or list of ReferenceCurve
         pad_ev : float
         weight : float, optional
+        offset : bool
 
         Returns
         -------
@@ -363,14 +374,21 @@ class KramersKronigRestraint(_Term):
                 except InputError as exc:
                     raise InputError(f"parameter restraints.kramers_kronig.pad: {exc}") from None
             ops.append(seen[id(r)])
-        return cls(layout, ops, weight)
+        return cls(layout, ops, weight, offset)
 
     def residual(self, fp, fdp):
-        """r = f′ − (a0 + A f″), shape (n_site, n_grid) (e⁻)."""
-        return fp - self.a0 - np.einsum("skj,sj->sk", self.A, fdp)
+        """r = f′ − (a0 + A f″) (less its mean per site with ``offset``), (n_site, n_grid), e⁻."""
+        r = fp - self.a0 - np.einsum("skj,sj->sk", self.A, fdp)
+        if self.offset:
+            r = r - r.mean(axis=1, keepdims=True)
+        return r
 
     def curves(self, fp, fdp):
-        """``(f, g_fp, g_fdp)`` on curve arrays (n_site, n_grid)."""
+        """``(f, g_fp, g_fdp)`` on curve arrays (n_site, n_grid).
+
+        With ``offset`` the residual is P r with P = I − 11ᵀ/n (symmetric, idempotent), so
+        the gradient is the same expression with the centred residual.
+        """
         r = self.residual(fp, fdp)
         f = self.weight * float(np.sum(r * r))
         g_fp = 2.0 * self.weight * r
@@ -381,9 +399,11 @@ class KramersKronigRestraint(_Term):
         """One line for logs (with the floor and where the weight came from)."""
         fl = self.floor
         how = "1/(2 floor^2)" if self.weight_from_floor else "given"
+        about = " about the mean (f' offset free)" if self.offset else ""
         return (f"{self.name}: {self.operators[0].describe()}; discretisation floor on this grid "
-                f"{fl['rms']:.4f} e- rms ({fl['max']:.3f} e- max) for the reference edge moved by "
-                f"0-3/4 of a {fl['step_ev']:g} eV step; weight {self.weight:.4g} e-^-2 ({how})")
+                f"{fl[self._floor_key]:.4f} e- rms{about} ({fl['max']:.3f} e- max) for the reference "
+                f"edge moved by 0-3/4 of a {fl['step_ev']:g} eV step; weight {self.weight:.4g} "
+                f"e-^-2 ({how})")
 
 
 class RestraintSum:
@@ -601,5 +621,6 @@ def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_so
             raise InputError(f"parameter restraints.kramers_kronig.pad: must be > 0 eV, got {pad!r}")
         refs = _references(reference, elements, reference_source)
         terms.append(KramersKronigRestraint.from_reference(layout, energy, refs, pad,
-                                                           get("kramers_kronig.weight")))
+                                                           get("kramers_kronig.weight"),
+                                                           bool(get("kramers_kronig.offset"))))
     return RestraintSum(terms, layout)
