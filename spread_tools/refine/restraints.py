@@ -34,7 +34,7 @@ ramps over ``pad`` eV), f′ = KK[f″] + the reference's constant. A curve whos
 the KK transform of its f″ still leaves r ≠ 0 where its f″ is not linear between nodes
 (a sharp edge on a 4 eV grid): :func:`spread_tools.physics.kk_reference.discretisation_floor`
 measures that floor σ_floor for the grid and pad in use, and the default weight is
-``w = 1 / (2 σ_floor²)`` (about 30 e⁻⁻² for Fe on a 4 eV grid, 1,400 on 1 eV); the
+``w = 1 / (2 σ_floor²)`` (26 e⁻⁻² for Fe on a 4 eV grid, 950 on 1 eV); the
 reference KK run's ``restraints.kramers_kronig.weight=1e5`` is one word away.
 
 Example: fit one f′, f″ pair to noisy samples with scipy (any minimizer that takes

@@ -116,8 +116,9 @@ def test_kk_restraint_value_is_the_exact_window_transform():
     fp, fdp = lay.split(x)
     pad, w = 60.0, 3.0
     ref = reference_curve("Fe")
-    r = KramersKronigRestraint.from_reference(lay, GRID, ref, pad, weight=w)
-    want = 0.0
+    r = KramersKronigRestraint.from_reference(lay, GRID, ref, pad, weight=w, offset=False)
+    r_off = KramersKronigRestraint.from_reference(lay, GRID, ref, pad, weight=w)
+    want = want_off = 0.0
     rn = ref.energy_ev
     x0, xn = GRID[0], GRID[-1]
     for s in range(2):
@@ -135,7 +136,9 @@ def test_kk_restraint_value_is_the_exact_window_transform():
         vals[hi] += (fdp[s, -1] - ref.fdp(xn)) * ((xn + pad) - nodes[hi]) / pad
         res = fp[s] - (ref.constant + kk_matrix(nodes, GRID) @ vals)
         want += w * np.sum(res ** 2)
+        want_off += w * np.sum((res - res.mean()) ** 2)     # a free constant in f'
     assert r(x)[0] == pytest.approx(want, rel=1e-10)
+    assert r_off(x)[0] == pytest.approx(want_off, rel=1e-10)
 
 
 def test_kk_restraint_is_zero_on_a_curve_linear_between_nodes():
@@ -162,14 +165,17 @@ def test_every_restraint_and_the_sum_match_finite_differences(order, n_site):
                            0.2, "scaled")
     refs = [reference_curve("Fe"), other][:n_site]
     terms = [SauterRestraint("fp", 0.01, 0.2, lay), SauterRestraint("fdp", 0.03, 0.3, lay),
-             KramersKronigRestraint.from_reference(lay, GRID, refs, pad_ev=40.0, weight=7.0)]
+             KramersKronigRestraint.from_reference(lay, GRID, refs, pad_ev=40.0, weight=7.0),
+             KramersKronigRestraint.from_reference(lay, GRID, refs, pad_ev=40.0, weight=7.0,
+                                                   offset=False)]
     x = flat_x(lay, seed=n_site)
     for t in terms:
         assert_flat_gradient(t, lay, x)
     total = RestraintSum(terms, lay)
     assert_flat_gradient(total, lay, x)
     f, g, per = total.evaluate(x)
-    assert f == pytest.approx(sum(per.values())) and set(per) == {t.name for t in terms}
+    assert set(per) == {t.name for t in terms}
+    assert f == pytest.approx(sum(t(x)[0] for t in terms))
     np.testing.assert_allclose(g, sum(t(x)[1] for t in terms))
     # the Hessian of the (quadratic) sum, against differences of g1
     H = total.hessian()
@@ -217,9 +223,13 @@ def test_kk_weight_comes_from_the_floor_of_the_grid():
     assert 0.05 < fl4["rms"] < 0.3 and fl1["rms"] < 0.05 and fl1["rms"] < fl4["rms"] / 3
     r = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true"), grid4, ["Fe"])
     kk = r.terms[-1]
-    assert kk.weight == pytest.approx(1.0 / (2.0 * fl4["rms"] ** 2))
+    # a free f' offset (default): the floor about each probe's mean
+    assert kk.weight == pytest.approx(1.0 / (2.0 * fl4["rms_about_mean"] ** 2))
     line = r.describe()[-1]
-    assert "floor" in line and "1/(2 floor^2)" in line and f"{fl4['rms']:.4f}" in line
+    assert "floor" in line and "1/(2 floor^2)" in line and f"{fl4['rms_about_mean']:.4f}" in line
+    r0 = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true", "kramers_kronig.offset=false"),
+                          grid4, ["Fe"])
+    assert r0.terms[-1].weight == pytest.approx(1.0 / (2.0 * fl4["rms"] ** 2))
     # the reference KK run's weight is one word away
     r5 = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true",
                               "kramers_kronig.weight=1e5"), grid4, ["Fe"])
