@@ -69,10 +69,10 @@ SCHEMA = {
                                "own f'' + constant); None: plain KK of the table alone",
                    choices=("chantler", "cromer_liberman"), optional=True),
     "mode": P("auto", "table: KK over every row of the table; restraint: only the window rows, "
-                      "ramped to zero over pad (what the refinement restraint sees); auto: table "
+                      "joined to the reference over pad (what the refinement's KK terms see); auto: table "
                       "if the table extends pad beyond the window, else restraint",
               choices=("auto", "table", "restraint")),
-    "pad": P(100.0, "ramp length beyond the window in restraint mode (and the margin of auto)",
+    "pad": P(100.0, "length of the ramps joining the window to the reference in restraint mode (and the margin of auto)",
              units="eV"),
     "site": P(None, "site name, for refinement results (.h5 or refinement CSV)", type=str),
     "format": P("auto", "input table format",
