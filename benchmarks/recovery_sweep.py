@@ -27,8 +27,15 @@ The default list of settings is the restraint sweep of the S1 reference setup:
 ``reference_s1`` (the reference run's Sauter f' mean 0 σ 0.04, f'' mean 0.03 σ 0.08,
 no KK), ``fdp_mean0``, ``loose`` (σ 0.2 / 0.3, the same as today's ``refine_fdp``
 defaults), ``very_loose`` (σ 1 / 1), ``kk`` (f' σ 0.04, f'' Sauter off, KK weight
-1e5: the reference KK run), ``defaults`` (whatever ``refine_fdp`` defaults to) and
-``kk_weak`` (KK weight 100, f' σ 1).
+1e5 without a free offset: the reference KK run), ``defaults`` (whatever ``refine_fdp``
+defaults to), ``kk_weak`` (KK weight 100, f' σ 1), ``kk_penalty`` (the defaults plus the
+KK restraint with its default weight 1/(2 floor²) and a free f' offset),
+``kk_constrained`` (f'' refined on the 4 eV grid, f' = KK[f''] + offset) and
+``kk_constrained_1ev`` (the same with f'' on a 1 eV grid). The issue-11 comparison
+(Sauter defaults vs KK penalty vs KK-constrained) is
+``--only defaults,kk_penalty,kk_constrained,kk_constrained_1ev`` on datasets simulated
+from KK-consistent truth curves (``benchmarks/make_kk_truth.py``,
+``test_data/spectra/pf-rd-{ox,red}_kk.out``).
 
 Usage::
 
@@ -71,10 +78,16 @@ SETTINGS = [
     ("loose", ["restraints.fp.sigma=0.2", "restraints.fdp.mean=0.0", "restraints.fdp.sigma=0.3"]),
     ("very_loose", ["restraints.fp.sigma=1.0", "restraints.fdp.mean=0.0",
                     "restraints.fdp.sigma=1.0"]),
-    ("kk", ["restraints.fp.sigma=0.04", "restraints.fdp.mean=None", "restraints.kramers_kronig.use=True"]),
+    ("kk", ["restraints.fp.sigma=0.04", "restraints.fdp.mean=None", "restraints.kramers_kronig.use=True",
+            "restraints.kramers_kronig.weight=1e5", "restraints.kramers_kronig.offset=False"]),
     ("defaults", []),
     ("kk_weak", ["restraints.fdp.mean=None", "restraints.kramers_kronig.use=True",
                  "restraints.kramers_kronig.weight=100", "restraints.fp.sigma=1.0"]),
+    ("kk_penalty", ["restraints.kramers_kronig.use=True"]),
+    ("kk_constrained", ["restraints.kramers_kronig.use=True", "restraints.kramers_kronig.mode=constrained"]),
+    ("kk_constrained_1ev", ["restraints.kramers_kronig.use=True",
+                            "restraints.kramers_kronig.mode=constrained",
+                            "restraints.kramers_kronig.fdp_step_ev=1"]),
 ]
 
 

@@ -52,7 +52,7 @@ import numpy as np
 from spread_tools.errors import InputError
 
 __all__ = ["kk_matrix", "kk_transform", "padded_kk_matrix", "check_grid", "kk_consistency",
-           "KKCheck", "KINDS", "CHECK_MODES"]
+           "KKCheck", "KINDS", "CHECK_MODES", "CHECK_METRICS"]
 
 KINDS = ("fdp_to_fp", "fp_to_fdp")
 
@@ -312,6 +312,8 @@ def padded_kk_matrix(energy_ev, pad_ev, kind="fdp_to_fp"):
 # --------------------------------------------------------------------------- consistency check
 
 CHECK_MODES = ("auto", "table", "restraint")
+#: the figures a threshold can apply to (:attr:`KKCheck.metric`)
+CHECK_METRICS = ("rms_about_mean", "rms", "max_abs")
 
 
 class KKCheck:
@@ -326,14 +328,17 @@ class KKCheck:
     residual : numpy.ndarray
         fp − fp_kk (e⁻).
     fp_ref, fdp_ref : numpy.ndarray or None
-        Reference curve at the window nodes (None without a reference).
+        The (self-consistent) reference curve at the window nodes (None without a reference).
     mode : str
         ``"table"`` or ``"restraint"`` (see :func:`kk_consistency`).
     rms, max_abs, mean : float
         rms, largest absolute value and mean of the residual (e⁻).
+    offset : float
+        The best constant offset (least squares: the mean), e⁻: what untabulated far
+        tails or another relativistic convention leave in f′.
     rms_about_mean : float
-        rms of the residual minus its mean (e⁻): what remains once a constant
-        offset (untabulated tails, relativistic term) is allowed.
+        rms of the residual minus that offset (e⁻): the shape disagreement; the figure
+        ``kk_check``'s threshold applies to by default.
     energy_at_max_ev : float
         Where the largest absolute residual is (eV).
     """
@@ -347,19 +352,18 @@ class KKCheck:
         self.max_abs = float(abs(self.residual[i]))
         self.energy_at_max_ev = float(energy_ev[i])
         self.mean = float(np.mean(self.residual))
+        self.offset = self.mean
         self.rms_about_mean = float(np.sqrt(np.mean((self.residual - self.mean) ** 2)))
 
-
-def _refined_nodes(e, a, b, step):
-    """Table nodes plus a grid of ``step`` on [a, b], without near-duplicates of table nodes."""
-    fine = a + step * np.arange(int(np.floor((b - a) / step)) + 1)
-    j = np.clip(np.searchsorted(e, fine), 1, e.size - 1)
-    gap = np.minimum(np.abs(fine - e[j - 1]), np.abs(fine - e[j]))
-    return np.union1d(e, fine[gap > 1e-3 * step])
+    def metric(self, name):
+        """The figure ``name`` (one of :data:`CHECK_METRICS`), e⁻."""
+        if name not in CHECK_METRICS:
+            raise InputError(f"parameter metric: {name!r} is not one of {', '.join(CHECK_METRICS)}")
+        return float(getattr(self, name))
 
 
 def kk_consistency(energy_ev, fp, fdp, min_ev, max_ev, element="Fe", reference="chantler",
-                   mode="auto", pad_ev=100.0, source="table", fine_step_ev=0.1):
+                   mode="auto", pad_ev=100.0, source="table"):
     """How well a tabulated f′ agrees with the Kramers–Kronig transform of its f″.
 
     Parameters
@@ -371,32 +375,25 @@ def kk_consistency(energy_ev, fp, fdp, min_ev, max_ev, element="Fe", reference="
         it must lie inside the table.
     element : str
         Element of the reference curve.
-    reference : str
-        ``"chantler"``, ``"cromer_liberman"`` (see
-        :func:`spread_tools.physics.scattering.reference_fp_fdp`) or ``"none"``.
+    reference : str or ReferenceCurve
+        ``"chantler"``, ``"cromer_liberman"``, ``"none"``, or a
+        :class:`spread_tools.physics.kk_reference.ReferenceCurve`. A named reference is
+        made self-consistent (:func:`spread_tools.physics.kk_reference.reference_curve`:
+        its f′ is C + KK of its own f″), so it adds no false floor.
     mode : str
-        ``"table"``: use *every* row of the table. KK(f″) = f′_ref + K (f″ − f″_ref)
-        with Δf″ = f″ − f″_ref over the whole table (zero beyond it), so the
-        reference supplies only what the table does not tabulate (f″ below
-        its first and above its last energy), and nothing is assumed inside
-        it. Within ``pad_ev`` of the window the difference is formed on a fine
-        grid (``fine_step_ev``, the table linearly interpolated), so that a
-        coarse table is compared with its own piecewise-linear f″ and not
-        with a coarsely sampled reference edge.
-        ``"restraint"``: what the refinement's KK restraint sees, Δf″ only
-        on the window nodes, ramped linearly to zero over ``pad_ev`` on each
-        side. ``"auto"``: ``"table"`` when the table extends at least
-        ``pad_ev`` beyond both ends of the window (measured tables), else
-        ``"restraint"`` (refinement results on the window grid).
-        With ``reference="none"`` the transform uses f″ alone; the missing
-        tails then show as a slowly varying offset (see ``mean``).
+        ``"table"``: KK(f″) = C + KK[the table's f″ (linear between rows) over the whole
+        table, the reference's f″ below its first and above its last row]; nothing
+        inside the table comes from the reference. ``"restraint"``: what the refinement's
+        KK terms see (:class:`spread_tools.physics.kk_reference.WindowKK`): f″ of the window
+        rows only, joined to the reference by linear ramps over ``pad_ev``. ``"auto"``:
+        ``"table"`` when the table extends at least ``pad_ev`` beyond both ends of the
+        window (measured tables), else ``"restraint"`` (refinement results on their grid).
+        With ``reference="none"`` the transform uses the table's f″ alone (restraint
+        mode: ramped to zero); the missing tails then show as a slowly varying offset.
     pad_ev : float
         Ramp length (eV) of the ``"restraint"`` mode and the margin of ``"auto"``.
     source : str
         Name of the curve for messages.
-    fine_step_ev : float
-        Step (eV) of the fine grid of the ``"table"`` mode (0.1 eV: the
-        Chantler Fe edge is converged to 0.01 e⁻).
 
     Returns
     -------
@@ -433,25 +430,26 @@ def kk_consistency(energy_ev, fp, fdp, min_ev, max_ev, element="Fe", reference="
     pad = float(pad_ev)
     if not (np.isfinite(pad) and pad > 0):
         raise InputError(f"parameter pad: must be > 0 eV, got {pad_ev!r}")
-    if not (np.isfinite(fine_step_ev) and fine_step_ev > 0):
-        raise InputError(f"fine_step_ev: must be > 0 eV, got {fine_step_ev!r}")
     if mode == "auto":
         mode = "table" if (e[0] <= lo - pad and e[-1] >= hi + pad) else "restraint"
     ew = e[win]
-    if reference == "none":
-        fp_ref_all = np.zeros_like(e)
-        fdp_ref_all = np.zeros_like(e)
+    from spread_tools.physics.kk_reference import ReferenceCurve, WindowKK, reference_curve
+    if isinstance(reference, ReferenceCurve):
+        ref = reference
+    elif reference == "none":
+        ref = None
     else:
-        from spread_tools.physics.scattering import reference_fp_fdp
-        fp_ref_all, fdp_ref_all = reference_fp_fdp(element, e, source=reference)
-    if mode == "table" and reference != "none":
-        nodes = _refined_nodes(e, max(e[0], lo - pad), min(e[-1], hi + pad), float(fine_step_ev))
-        fdp_ref_nodes = reference_fp_fdp(element, nodes, source=reference)[1]
-        fp_kk = fp_ref_all[win] + kk_matrix(nodes, ew) @ (np.interp(nodes, e, fdp) - fdp_ref_nodes)
-    elif mode == "table":
-        fp_kk = kk_matrix(e, ew) @ fdp
+        ref = reference_curve(element, reference)
+    if ref is None:
+        fp_kk = kk_matrix(e, ew) @ fdp if mode == "table" else padded_kk_matrix(ew, pad) @ fdp[win]
+        return KKCheck(ew, fp[win], fdp[win], fp_kk, None, None, mode)
+    if mode == "table":
+        r = ref.energy_ev
+        tol = 1e-9 * (e[-1] - e[0])
+        below, above = r[r < e[0] - tol], r[r > e[-1] + tol]
+        nodes = np.concatenate([below, e, above])
+        vals = np.concatenate([ref.fdp(below), fdp, ref.fdp(above)])
+        fp_kk = ref.constant + kk_matrix(nodes, ew) @ vals
     else:
-        fp_kk = fp_ref_all[win] + padded_kk_matrix(ew, pad) @ (fdp - fdp_ref_all)[win]
-    none = reference == "none"
-    return KKCheck(ew, fp[win], fdp[win], fp_kk, None if none else fp_ref_all[win],
-                   None if none else fdp_ref_all[win], mode)
+        fp_kk = WindowKK(ew, ref, pad).fp(fdp[win])
+    return KKCheck(ew, fp[win], fdp[win], fp_kk, ref.fp(ew), ref.fdp(ew), mode)

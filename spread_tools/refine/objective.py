@@ -32,6 +32,9 @@ class S1Problem(FisherInformationMixin):
     comm : Comm
     backend : str, optional
         Overrides ``cfg.backend`` (tests).
+    grid_ev : array_like, optional
+        The f′/f″ grid itself instead of ``cfg.grid`` (the KK-constrained mode puts it on
+        the channel energies, :mod:`spread_tools.refine.kk_constrained`).
 
     Notes
     -----
@@ -39,7 +42,7 @@ class S1Problem(FisherInformationMixin):
     over *all* usable lattices and shoeboxes, independent of the number of ranks.
     """
 
-    def __init__(self, prepared, cache, cfg, comm=None, backend=None):
+    def __init__(self, prepared, cache, cfg, comm=None, backend=None, grid_ev=None):
         from spread_tools.model.pixel import PixelModel
         from spread_tools.physics.scattering import reference_fp_fdp
         self.comm = comm or Comm(None)
@@ -59,8 +62,11 @@ class S1Problem(FisherInformationMixin):
         self.site_names = want
         self.site_elements = [cache.site_elements[i] for i in self.ref_sites]
         self.channel_ev = np.asarray(ds.energy_ev, dtype=np.float64)
-        self.grid_ev = energy_grid(self.channel_ev, ds.spectrum_weight, cfg.grid.step_ev,
-                                   cfg.grid.min_ev, cfg.grid.max_ev)
+        if grid_ev is None:
+            self.grid_ev = energy_grid(self.channel_ev, ds.spectrum_weight, cfg.grid.step_ev,
+                                       cfg.grid.min_ev, cfg.grid.max_ev)
+        else:
+            self.grid_ev = np.asarray(grid_ev, dtype=np.float64)
         self.M = interpolation_matrix(self.channel_ev, self.grid_ev)
         self.M_dense = self.M.toarray()
         # the two entries of each row of M: columns k0, k0+1 with weights 1-t, t
@@ -113,6 +119,11 @@ class S1Problem(FisherInformationMixin):
         g = x[2 * n:2 * n + self.n_lat]
         b = x[2 * n + self.n_lat:].reshape(self.n_sb, 3)
         return fp, fdp, g, b
+
+    def curves_and_covariance(self, x, cov):
+        """f′, f″ on the grid (n_ref, n_grid) and their covariance (fp all sites, then fdp)."""
+        fp, fdp, _, _ = self.split(x)
+        return fp.copy(), fdp.copy(), cov
 
     def local_slices(self, rank=None):
         """Index arrays into ``x`` of a rank's g and b entries (in that order)."""
@@ -191,25 +202,19 @@ class S1Problem(FisherInformationMixin):
         return f + fr, np.concatenate([gg + gr, gl])
 
     def restraint_terms(self, x):
-        """Restraint loss and gradient over ``x``'s global block (rank 0 adds them)."""
-        fp, fdp, _, _ = self.split(x)
-        f, gp, gd = self.restraints(fp, fdp)
-        return float(f), np.concatenate([np.ravel(gp), np.ravel(gd)])
+        """Restraint loss and gradient over ``x``'s global block (rank 0 adds them).
+
+        The global block is the restraints' :class:`~spread_tools.refine.restraints.FlatLayout`
+        (kind-major), so this is ``self.restraints(x[:n_glob])``: one implementation.
+        """
+        f, g = self.restraints(np.asarray(x[:self.n_glob], dtype=np.float64))
+        return float(f), g
 
     def restraint_hessian(self, x):
         """Exact Hessian of the (quadratic) restraints over the global block (n_glob²)."""
-        H = np.zeros((self.n_glob, self.n_glob))
-        if not self.restraints.terms:
-            return H
-        xg = x[:self.n_glob].copy()
-        _, g0 = self.restraint_terms(np.concatenate([xg, x[self.n_glob:]]))
-        xt = x.copy()
-        for i in range(self.n_glob):
-            xt[:self.n_glob] = xg
-            xt[i] += 1.0
-            _, gi = self.restraint_terms(xt)
-            H[:, i] = gi - g0
-        return 0.5 * (H + H.T)
+        if not hasattr(self, "_restraint_H"):
+            self._restraint_H = self.restraints.hessian()
+        return self._restraint_H.copy()
 
     def predicted(self, x):
         """λ of this rank's pixels at ``x`` (for galleries)."""

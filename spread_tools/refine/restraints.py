@@ -1,39 +1,71 @@
-"""Restraints on the refined scattering factors f′, f″ of every site.
+"""Restraints on the refined scattering factors f′, f″: functions ``x -> (f, g1)`` of a flat vector.
 
-Parameters are ``fp``, ``fdp``: arrays of shape (n_site, n_grid) on the
-energy grid ``energy_ev`` (n_grid,). Every restraint is a callable
-``(fp, fdp) -> (f, g_fp, g_fdp)``: the loss and its gradient with respect to
-every parameter (arrays shaped like ``fp`` and ``fdp``).
+Every restraint is a callable of one flat parameter vector ``x`` (float64) returning
+``(f, g1)``: the loss and its gradient with respect to every entry of ``x`` (a float64
+array of ``len(x)``), so it plugs into any minimizer. Where f′ and f″ sit in ``x`` is a
+:class:`FlatLayout`:
 
-Sauter (2020) adjacent-difference restraint, on f′ and on f″ separately::
+``order="kind_major"`` (the S1 objective's layout, :class:`spread_tools.refine.objective.S1Problem`)
+    ``[f′ of site 0 on the grid, f′ of site 1, …, f″ of site 0, f″ of site 1, …, other]``
+``order="site_major"``
+    ``[f′ of site 0, f″ of site 0, f′ of site 1, f″ of site 1, …, other]``
+
+``kinds=("fdp",)`` holds f″ only (the KK-constrained mode); ``n_other`` trailing entries
+(scales, backgrounds, offsets …) are not restrained (zero gradient). Nothing here needs
+the configuration system: plain arrays of energies and values, or a
+:class:`spread_tools.physics.kk_reference.ReferenceCurve`, are enough.
+
+Sauter (2020) adjacent-difference restraint, on f′ or f″ (:class:`SauterRestraint`)::
 
     f = Σ_s Σ_{k>=1} (u_sk − u_s,k−1 − mean)² / (2 σ²)
 
-(``restraints.fp.mean/sigma``, ``restraints.fdp.mean/sigma``; ``mean=None``
-switches that term off).
+Kramers–Kronig restraint (:class:`KramersKronigRestraint`)::
 
-Kramers–Kronig restraint, differential form against a smooth reference
-(``restraints.kramers_kronig.use/pad/weight``)::
+    r_s = f′_s − (a0_s + A_s f″_s),     f = w Σ_s Σ_k (r_sk − r̄_s)²
 
-    Δf′ = f′ − f′_ref,  Δf″ = f″ − f″_ref   (reference of the site's element at the grid)
-    r_s = Δf′_s − K Δf″_s,      f = weight · Σ_s Σ_k r_sk²
+(r̄_s the mean over the grid: with ``offset=True``, the default, a constant in f′ is free,
+what the far tails and the relativistic term leave and what the window cannot tell; with
+``offset=False`` r̄ = 0)
 
-K = :func:`spread_tools.physics.kk.padded_kk_matrix` (n_grid × n_grid), computed
-once per grid: Δf″ is piecewise linear on the grid, continued beyond each end
-of the refined window by a linear ramp to zero over ``pad`` eV, and zero
-beyond. The reference carries everything outside the window (the far tails
-of f″ cancel in the difference), so the restraint only asks that the
-*change* from the free-atom curve be KK-consistent. The reference comes from
-:func:`spread_tools.physics.scattering.reference_fp_fdp` (Chantler tables) unless
-given as arrays.
+with ``(A_s, a0_s)`` the exact operator of
+:class:`spread_tools.physics.kk_reference.WindowKK` at the grid nodes: f″ linear between
+the nodes, the site element's self-consistent reference beyond the grid (joined by linear
+ramps over ``pad`` eV), f′ = KK[f″] + the reference's constant. A curve whose f′ *is*
+the KK transform of its f″ still leaves r ≠ 0 where its f″ is not linear between nodes
+(a sharp edge on a 4 eV grid): :func:`spread_tools.physics.kk_reference.discretisation_floor`
+measures that floor σ_floor for the grid and pad in use, and the default weight is
+``w = 1 / (2 σ_floor²)`` (26 e⁻⁻² for Fe on a 4 eV grid, 950 on 1 eV); the
+reference KK run's ``restraints.kramers_kronig.weight=1e5`` is one word away.
+
+Example: fit one f′, f″ pair to noisy samples with scipy (any minimizer that takes
+``jac=True`` works the same way):
+
+>>> import numpy as np, scipy.optimize
+>>> from spread_tools.refine.restraints import FlatLayout, SauterRestraint, RestraintSum
+>>> e = np.arange(7070.0, 7171.0, 4.0)
+>>> layout = FlatLayout(n_site=1, n_grid=e.size)            # [f' (26), f'' (26)]
+>>> rng = np.random.default_rng(0)
+>>> data = np.concatenate([-5 - 2 * np.exp(-((e - 7112) / 12) ** 2),     # f' then f''
+...                        0.5 + 3 / (1 + np.exp(-(e - 7112) / 6))])
+>>> noisy = data + rng.normal(scale=0.3, size=data.size)
+>>> restraints = RestraintSum([SauterRestraint("fp", 0.0, 0.2, layout),
+...                            SauterRestraint("fdp", 0.0, 0.3, layout)], layout)
+>>> def objective(x):
+...     f_r, g_r = restraints(x)                            # (f, g1), g1.shape == x.shape
+...     resid = (x - noisy) / 0.3
+...     return 0.5 * resid @ resid + f_r, resid / 0.3 + g_r
+>>> fit = scipy.optimize.minimize(objective, noisy, jac=True, method="L-BFGS-B")
+>>> rms = lambda v: float(np.sqrt(np.mean((v - data) ** 2)))
+>>> bool(fit.success), rms(fit.x) < rms(noisy)               # smoother and closer to the truth
+(True, True)
 
 Defaults (:data:`RESTRAINT_SCHEMA`): f′ Sauter on (mean 0, σ 0.2 e⁻), f″ Sauter on
 (mean 0, σ 0.3 e⁻), KK off. The reference LY99 S1 run used σ 0.04 and 0.08 e⁻
-(f″ mean 0.03); on simulated data of 400–1600 lattices those stiffer values flatten
-the f′ dip and give errors 5–10× the reported σ, while 0.2/0.3 give errors about
-equal to σ (``benchmarks/recovery_sweep.py``). The reference KK run is
-``restraints.fdp.mean=None restraints.kramers_kronig.use=True`` (pad 100 eV and
-weight 1e5 e⁻⁻² are the defaults).
+(f″ mean 0.03); on simulated data those stiffer values flatten the f′ dip and give
+errors 5–10× the reported σ (``benchmarks/recovery_sweep.py``). KK restraint:
+``restraints.fdp.mean=None restraints.kramers_kronig.use=True``;
+``restraints.kramers_kronig.mode=constrained`` refines f″ only and computes f′ from it
+(:mod:`spread_tools.refine.kk_constrained`).
 """
 
 from __future__ import annotations
@@ -42,10 +74,11 @@ import numpy as np
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
-from spread_tools.physics.kk import check_grid, padded_kk_matrix
+from spread_tools.physics.kk import check_grid
 
-__all__ = ["RESTRAINT_SCHEMA", "sauter_difference", "SauterRestraint", "KramersKronigRestraint",
-           "Restraints", "build_restraints", "active_terms"]
+__all__ = ["RESTRAINT_SCHEMA", "FlatLayout", "sauter_difference", "SauterRestraint",
+           "KramersKronigRestraint", "RestraintSum", "Restraints", "build_restraints",
+           "active_terms", "kk_weight_from_floor"]
 
 RESTRAINT_SCHEMA = {
     "fp": {
@@ -62,31 +95,98 @@ RESTRAINT_SCHEMA = {
                    "S1 run used 0.08)", units="e-"),
     },
     "kramers_kronig": {
-        "use": P(False, "Kramers-Kronig restraint between f' and f'' (differential form against "
-                 "the element's Chantler reference); the reference KK run used it with "
+        "use": P(False, "tie f' to f'' by Kramers-Kronig (with the element's self-consistent "
+                 "reference beyond the grid); the reference KK run used it with "
                  "restraints.fdp.mean=None"),
-        "pad": P(100.0, "delta-f'' is ramped linearly to zero over this many eV beyond each end "
-                 "of the refined grid", units="eV"),
-        "weight": P(1e5, "weight w of w * sum (delta-f' - K delta-f'')^2", units="e-^-2"),
+        "mode": P("restraint", "restraint: penalty w * sum (f' - KK[f''])^2 on the grid; "
+                  "constrained: refine f'' only, f' = KK[f''] + constant exactly",
+                  choices=("restraint", "constrained")),
+        "pad": P(100.0, "f'' joins the reference over this many eV beyond each end of the "
+                 "refined grid (linear ramp)", units="eV"),
+        "weight": P(None, "restraint mode: weight w of w * sum (f' - KK[f''])^2; None: "
+                    "1/(2 floor^2) with the discretisation floor of the grid in use (the "
+                    "reference KK run used 1e5)", units="e-^-2", type=float),
+        "fdp_step_ev": P(None, "constrained mode: step of the refined f'' grid (None: grid.step_ev); "
+                         "restraints.fdp.sigma then applies per grid.step_ev, scaled by "
+                         "sqrt(step/grid.step_ev)", units="eV", type=float),
+        "offset": P(True, "a constant in f' of each site is free (what the far tails and the "
+                    "relativistic term leave): the restraint acts on f' - KK[f''] less its mean; "
+                    "the constrained mode refines the constant"),
     },
 }
 
+ORDERS = ("kind_major", "site_major")
 
-def _check_pair(fp, fdp, n_grid=None, n_site=None):
-    fp = np.asarray(fp, dtype=np.float64)
-    fdp = np.asarray(fdp, dtype=np.float64)
-    if fp.ndim != 2 or fp.shape != fdp.shape:
-        raise InputError(f"restraints: fp and fdp must both have shape (n_site, n_grid), got "
-                         f"{fp.shape} and {fdp.shape}")
-    if n_grid is not None and fp.shape[1] != n_grid:
-        raise InputError(f"restraints: fp/fdp have {fp.shape[1]} grid points, the energy grid "
-                         f"has {n_grid}")
-    if n_site is not None and fp.shape[0] != n_site:
-        raise InputError(f"restraints: fp/fdp have {fp.shape[0]} sites, expected {n_site}")
-    for name, a in (("fp", fp), ("fdp", fdp)):
-        if not np.all(np.isfinite(a)):
-            raise InputError(f"restraints: {name} contains NaN or inf")
-    return fp, fdp
+
+class FlatLayout:
+    """Where the f′ and f″ of every site sit in a flat parameter vector.
+
+    Parameters
+    ----------
+    n_site : int
+        Number of sites (curves of each kind).
+    n_grid : int
+        Grid points per curve.
+    order : str
+        ``"kind_major"`` (default; the S1 objective: all f′, then all f″, each site-major)
+        or ``"site_major"`` (f′ then f″ of site 0, then of site 1, …).
+    kinds : tuple of str
+        ``("fp", "fdp")`` (default) or ``("fdp",)`` (f″ only).
+    n_other : int
+        Trailing entries that are not f′/f″ (not restrained).
+    """
+
+    def __init__(self, n_site, n_grid, order="kind_major", kinds=("fp", "fdp"), n_other=0):
+        if order not in ORDERS:
+            raise InputError(f"layout: order {order!r} is not one of {', '.join(ORDERS)}")
+        kinds = tuple(kinds)
+        if kinds not in (("fp", "fdp"), ("fdp",)):
+            raise InputError(f"layout: kinds must be ('fp', 'fdp') or ('fdp',), got {kinds}")
+        self.n_site, self.n_grid = int(n_site), int(n_grid)
+        if self.n_site < 1 or self.n_grid < 1 or int(n_other) < 0:
+            raise InputError(f"layout: needs n_site >= 1, n_grid >= 1, n_other >= 0 "
+                             f"(got {n_site}, {n_grid}, {n_other})")
+        self.order, self.kinds, self.n_other = order, kinds, int(n_other)
+        self.n_curves = len(kinds) * self.n_site * self.n_grid
+        self.size = self.n_curves + self.n_other
+
+    def _check(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 1 or x.size != self.size:
+            raise InputError(f"restraints: x has shape {x.shape}, the layout needs ({self.size},) "
+                             f"({self.n_site} sites x {self.n_grid} points x {len(self.kinds)} "
+                             f"kinds + {self.n_other} others)")
+        if not np.all(np.isfinite(x[:self.n_curves])):
+            raise InputError("restraints: x contains NaN or inf")
+        return x
+
+    def split(self, x):
+        """(f′, f″) of x, each (n_site, n_grid) (f′ is None for an f″-only layout)."""
+        x = self._check(x)
+        c = x[:self.n_curves]
+        ns, ng = self.n_site, self.n_grid
+        if self.kinds == ("fdp",):
+            return None, c.reshape(ns, ng)
+        if self.order == "kind_major":
+            return c[:ns * ng].reshape(ns, ng), c[ns * ng:].reshape(ns, ng)
+        both = c.reshape(ns, 2, ng)
+        return both[:, 0], both[:, 1]
+
+    def join(self, g_fp, g_fdp):
+        """Flat gradient (length ``size``) from per-kind gradients (n_site, n_grid) or None."""
+        ns, ng = self.n_site, self.n_grid
+        out = np.zeros(self.size)
+        z = np.zeros((ns, ng))
+        gp = z if g_fp is None else np.asarray(g_fp, dtype=np.float64)
+        gd = z if g_fdp is None else np.asarray(g_fdp, dtype=np.float64)
+        if self.kinds == ("fdp",):
+            out[:ns * ng] = gd.ravel()
+        elif self.order == "kind_major":
+            out[:ns * ng] = gp.ravel()
+            out[ns * ng:2 * ns * ng] = gd.ravel()
+        else:
+            out[:2 * ns * ng] = np.stack([gp, gd], axis=1).ravel()
+        return out
 
 
 def _check_sigma(key, sigma):
@@ -129,7 +229,19 @@ def sauter_difference(u, mean, sigma):
     return f, g
 
 
-class SauterRestraint:
+class _Term:
+    """A restraint term: ``curves(fp, fdp) -> (f, g_fp, g_fdp)`` and ``__call__(x) -> (f, g1)``."""
+
+    name = "term"
+
+    def __call__(self, x):
+        """Loss and flat gradient ``(f, g1)`` at ``x`` (layout :attr:`layout`)."""
+        fp, fdp = self.layout.split(x)
+        f, gp, gd = self.curves(fp, fdp)
+        return f, self.layout.join(gp, gd)
+
+
+class SauterRestraint(_Term):
     """Sauter adjacent-difference restraint on ``fp`` or ``fdp``.
 
     Parameters
@@ -140,105 +252,173 @@ class SauterRestraint:
         Expected adjacent difference (e⁻).
     sigma : float
         Its standard deviation (e⁻), > 0.
+    layout : FlatLayout
+        Where the curves sit in ``x``.
     """
 
-    def __init__(self, which, mean, sigma):
+    def __init__(self, which, mean, sigma, layout):
         if which not in ("fp", "fdp"):
-            raise ValueError(which)
+            raise InputError(f"restraint: which must be 'fp' or 'fdp', got {which!r}")
+        if which not in layout.kinds:
+            raise InputError(f"restraint: the layout holds no {which}")
         self.which = which
         self.name = f"sauter_{which}"
         self.mean = float(mean)
         self.sigma = _check_sigma(f"restraints.{which}.sigma", sigma)
+        self.layout = layout
 
-    def __call__(self, fp, fdp):
-        """Loss and gradients ``(f, g_fp, g_fdp)`` at ``fp``, ``fdp`` (n_site, n_grid)."""
-        fp, fdp = _check_pair(fp, fdp)
-        if fp.shape[1] < 2:
-            return 0.0, np.zeros_like(fp), np.zeros_like(fdp)
-        f, g = sauter_difference(fp if self.which == "fp" else fdp, self.mean, self.sigma)
-        if self.which == "fp":
-            return f, g, np.zeros_like(fdp)
-        return f, np.zeros_like(fp), g
+    def curves(self, fp, fdp):
+        """``(f, g_fp, g_fdp)`` on curve arrays (n_site, n_grid); g of an absent kind is None."""
+        u = fp if self.which == "fp" else fdp
+        if u.shape[-1] < 2:
+            f, g = 0.0, np.zeros_like(u)
+        else:
+            f, g = sauter_difference(u, self.mean, self.sigma)
+        return (f, g, None) if self.which == "fp" else (f, None, g)
 
     def describe(self):
         """One line for logs."""
         return f"{self.name}: mean {self.mean:g} e-, sigma {self.sigma:g} e-"
 
 
-class KramersKronigRestraint:
-    """Differential Kramers–Kronig restraint ``w Σ (Δf′ − K Δf″)²``.
+def kk_weight_from_floor(floor_rms):
+    """Default KK weight ``1 / (2 σ²)`` for a discretisation floor σ (e⁻), e⁻⁻²."""
+    s = max(float(floor_rms), 1e-4)
+    return 1.0 / (2.0 * s * s)
+
+
+class KramersKronigRestraint(_Term):
+    """Kramers–Kronig restraint ``w Σ_s Σ_k (f′_sk − a0_sk − (A_s f″_s)_k)²``.
 
     Parameters
     ----------
-    energy_ev : array_like
-        Refinement grid (eV), strictly increasing, (n_grid,).
-    fp_ref, fdp_ref : array_like
-        Reference f′, f″ of each site at the grid, shape (n_site, n_grid).
-    pad : float
-        Ramp length (eV) of Δf″ beyond each end of the grid.
-    weight : float
-        w (e⁻⁻²), >= 0.
+    layout : FlatLayout
+        With both kinds.
+    operators : WindowKK or list of WindowKK
+        :class:`spread_tools.physics.kk_reference.WindowKK` on the grid (one for all sites,
+        or one per site, e.g. per element); its window nodes are the grid.
+    weight : float, optional
+        w (e⁻⁻², >= 0); default ``1 / (2 σ_floor²)`` with σ_floor the
+        :func:`~spread_tools.physics.kk_reference.discretisation_floor` of the operators
+        (about its mean with ``offset``).
+    offset : bool
+        A constant in f′ per site is free: the residual's mean is removed.
     """
 
     name = "kramers_kronig"
 
-    def __init__(self, energy_ev, fp_ref, fdp_ref, pad=100.0, weight=1e5):
-        self.energy_ev = check_grid(energy_ev, "energy_ev", allow_zero=False)
-        n = self.energy_ev.size
-        self.fp_ref, self.fdp_ref = _check_pair(np.atleast_2d(fp_ref), np.atleast_2d(fdp_ref), n)
-        try:
-            self.weight = float(weight)
-        except (TypeError, ValueError):
-            raise InputError(f"parameter restraints.kramers_kronig.weight: expected a number, "
-                             f"got {weight!r}") from None
-        if not np.isfinite(self.weight) or self.weight < 0:
-            raise InputError(f"parameter restraints.kramers_kronig.weight: must be >= 0, got {weight!r}")
-        try:
-            self.pad = float(pad)
-        except (TypeError, ValueError):
-            raise InputError(f"parameter restraints.kramers_kronig.pad: expected a number, "
-                             f"got {pad!r}") from None
-        if not np.isfinite(self.pad) or self.pad <= 0:
-            raise InputError(f"parameter restraints.kramers_kronig.pad: must be > 0 eV, got {pad!r}")
-        try:
-            self.K = padded_kk_matrix(self.energy_ev, self.pad)
-        except InputError as exc:
-            raise InputError(f"parameter restraints.kramers_kronig.pad: {exc}") from None
+    def __init__(self, layout, operators, weight=None, offset=True):
+        from spread_tools.physics.kk_reference import WindowKK, discretisation_floor
+        if layout.kinds != ("fp", "fdp"):
+            raise InputError("restraint: the Kramers-Kronig restraint needs f' and f'' in the layout")
+        ops = list(operators) if isinstance(operators, (list, tuple)) else [operators] * layout.n_site
+        if len(ops) != layout.n_site or not all(isinstance(o, WindowKK) for o in ops):
+            raise InputError(f"restraint: need one WindowKK or {layout.n_site} of them")
+        if any(o.n != layout.n_grid for o in ops):
+            raise InputError(f"restraint: the KK operator has {ops[0].n} nodes, the layout "
+                             f"{layout.n_grid} grid points")
+        self.layout, self.operators = layout, ops
+        self.offset = bool(offset)
+        mats = {}
+        for o in ops:
+            if id(o) not in mats:
+                mats[id(o)] = o.fp_operator(o.window_ev)
+        self.A = np.stack([mats[id(o)][0] for o in ops])          # (n_site, n_grid, n_grid)
+        self.a0 = np.stack([mats[id(o)][1] for o in ops])         # (n_site, n_grid)
+        floors = {}
+        for o in ops:
+            if id(o) not in floors:
+                floors[id(o)] = discretisation_floor(o)
+        self._floor_key = "rms_about_mean" if self.offset else "rms"
+        self.floor = max(floors.values(), key=lambda d: d[self._floor_key])
+        if weight is None:
+            self.weight = kk_weight_from_floor(self.floor[self._floor_key])
+            self.weight_from_floor = True
+        else:
+            try:
+                self.weight = float(weight)
+            except (TypeError, ValueError):
+                raise InputError(f"parameter restraints.kramers_kronig.weight: expected a number, "
+                                 f"got {weight!r}") from None
+            if not np.isfinite(self.weight) or self.weight < 0:
+                raise InputError(f"parameter restraints.kramers_kronig.weight: must be >= 0, "
+                                 f"got {weight!r}")
+            self.weight_from_floor = False
+
+    @classmethod
+    def from_reference(cls, layout, energy_ev, reference, pad_ev=100.0, weight=None, offset=True):
+        """Build the operators from a grid and a reference (one, or one per site).
+
+        Parameters
+        ----------
+        layout : FlatLayout
+        energy_ev : array_like
+            Grid (eV), (n_grid,).
+        reference : ReferenceCurve or list of ReferenceCurve
+        pad_ev : float
+        weight : float, optional
+        offset : bool
+
+        Returns
+        -------
+        KramersKronigRestraint
+        """
+        from spread_tools.physics.kk_reference import WindowKK
+        grid = check_grid(energy_ev, "energy_ev", allow_zero=False)
+        refs = list(reference) if isinstance(reference, (list, tuple)) else [reference] * layout.n_site
+        ops, seen = [], {}
+        for r in refs:
+            if id(r) not in seen:
+                try:
+                    seen[id(r)] = WindowKK(grid, r, pad_ev)
+                except InputError as exc:
+                    raise InputError(f"parameter restraints.kramers_kronig.pad: {exc}") from None
+            ops.append(seen[id(r)])
+        return cls(layout, ops, weight, offset)
 
     def residual(self, fp, fdp):
-        """r = Δf′ − K Δf″, shape (n_site, n_grid) (e⁻)."""
-        fp, fdp = _check_pair(fp, fdp, self.energy_ev.size, self.fp_ref.shape[0])
-        return (fp - self.fp_ref) - (fdp - self.fdp_ref) @ self.K.T
+        """r = f′ − (a0 + A f″) (less its mean per site with ``offset``), (n_site, n_grid), e⁻."""
+        r = fp - self.a0 - np.einsum("skj,sj->sk", self.A, fdp)
+        if self.offset:
+            r = r - r.mean(axis=1, keepdims=True)
+        return r
 
-    def __call__(self, fp, fdp):
-        """Loss and gradients ``(f, g_fp, g_fdp)`` at ``fp``, ``fdp`` (n_site, n_grid)."""
+    def curves(self, fp, fdp):
+        """``(f, g_fp, g_fdp)`` on curve arrays (n_site, n_grid).
+
+        With ``offset`` the residual is P r with P = I − 11ᵀ/n (symmetric, idempotent), so
+        the gradient is the same expression with the centred residual.
+        """
         r = self.residual(fp, fdp)
         f = self.weight * float(np.sum(r * r))
         g_fp = 2.0 * self.weight * r
-        g_fdp = -2.0 * self.weight * (r @ self.K)
+        g_fdp = -2.0 * self.weight * np.einsum("skj,sk->sj", self.A, r)
         return f, g_fp, g_fdp
 
     def describe(self):
-        """One line for logs."""
-        return (f"{self.name}: differential form against the reference, pad {self.pad:g} eV, "
-                f"weight {self.weight:g}")
+        """One line for logs (with the floor and where the weight came from)."""
+        fl = self.floor
+        how = "1/(2 floor^2)" if self.weight_from_floor else "given"
+        about = " about the mean (f' offset free)" if self.offset else ""
+        return (f"{self.name}: {self.operators[0].describe()}; discretisation floor on this grid "
+                f"{fl[self._floor_key]:.4f} e- rms{about} ({fl['max']:.3f} e- max) for the reference "
+                f"edge moved by 0-3/4 of a {fl['step_ev']:g} eV step; weight {self.weight:.4g} "
+                f"e-^-2 ({how})")
 
 
-class Restraints:
-    """Sum of the active restraint terms; call it as ``(fp, fdp) -> (f, g_fp, g_fdp)``.
+class RestraintSum:
+    """Sum of restraint terms on one layout: ``x -> (f, g1)``.
 
     Parameters
     ----------
     terms : list
-        Restraint callables with a ``name`` attribute.
-    n_site, n_grid : int
-        Expected parameter shape.
+        Terms with ``name``, ``curves`` and ``describe`` (e.g. :class:`SauterRestraint`).
+    layout : FlatLayout
     """
 
-    def __init__(self, terms, n_site, n_grid):
+    def __init__(self, terms, layout):
         self.terms = list(terms)
-        self.n_site = int(n_site)
-        self.n_grid = int(n_grid)
+        self.layout = layout
 
     @property
     def active(self):
@@ -249,34 +429,53 @@ class Restraints:
         """Lines for the log: one per active term, or ``"no restraints"``."""
         return [t.describe() for t in self.terms] or ["no restraints"]
 
-    def evaluate(self, fp, fdp):
-        """Total and per-term values.
+    def evaluate(self, x):
+        """Total, flat gradient and per-term values.
 
         Returns
         -------
         f : float
-        g_fp, g_fdp : numpy.ndarray
+        g1 : numpy.ndarray (len(x),)
         per_term : dict
-            Term name -> its loss (for logging).
+            Term name -> its loss.
         """
-        fp, fdp = _check_pair(fp, fdp, self.n_grid, self.n_site)
+        fp, fdp = self.layout.split(x)
         f = 0.0
-        g_fp = np.zeros_like(fp)
+        g_fp = None if fp is None else np.zeros_like(fp)
         g_fdp = np.zeros_like(fdp)
         per_term = {}
         for t in self.terms:
-            ft, gp, gd = t(fp, fdp)
+            ft, gp, gd = t.curves(fp, fdp)
             f += ft
-            g_fp += gp
-            g_fdp += gd
+            if gp is not None:
+                g_fp += gp
+            if gd is not None:
+                g_fdp += gd
             per_term[t.name] = ft
-        return f, g_fp, g_fdp, per_term
+        return f, self.layout.join(g_fp, g_fdp), per_term
 
-    def __call__(self, fp, fdp):
-        """Total loss and gradients ``(f, g_fp, g_fdp)`` at ``fp``, ``fdp`` (n_site, n_grid)."""
-        f, g_fp, g_fdp, _ = self.evaluate(fp, fdp)
-        return f, g_fp, g_fdp
+    def __call__(self, x):
+        """Total loss and flat gradient ``(f, g1)`` at ``x``."""
+        f, g, _ = self.evaluate(x)
+        return f, g
 
+    def hessian(self):
+        """Exact Hessian (size × size) of the sum: every term is quadratic."""
+        n = self.layout.size
+        H = np.zeros((n, n))
+        if not self.terms:
+            return H
+        x0 = np.zeros(n)
+        _, g0 = self(x0)
+        for i in range(self.layout.n_curves):
+            x0[i] = 1.0
+            H[:, i] = self(x0)[1] - g0
+            x0[i] = 0.0
+        return 0.5 * (H + H.T)
+
+
+#: the name used before the flat interface
+Restraints = RestraintSum
 
 _MISSING = object()
 
@@ -307,6 +506,18 @@ def _section(cfg):
     return get
 
 
+def kk_mode(cfg):
+    """``None`` (KK off), ``"restraint"`` or ``"constrained"`` for a configuration."""
+    get = _section(cfg)
+    if not bool(get("kramers_kronig.use")):
+        return None
+    mode = get("kramers_kronig.mode")
+    if mode not in ("restraint", "constrained"):
+        raise InputError(f"parameter restraints.kramers_kronig.mode: {mode!r} is not one of "
+                         f"restraint, constrained")
+    return mode
+
+
 def active_terms(cfg):
     """Names of the restraint terms a configuration switches on (nothing is built).
 
@@ -318,21 +529,40 @@ def active_terms(cfg):
     Returns
     -------
     list of str
-        Subset of ``["sauter_fp", "sauter_fdp", "kramers_kronig"]`` in that order.
+        Subset of ``["sauter_fp", "sauter_fdp", "kramers_kronig"]`` in that order; in the
+        constrained mode ``["sauter_fdp", "kk_constrained"]`` (f′ is not a parameter).
     """
     get = _section(cfg)
+    mode = kk_mode(cfg)
     names = []
-    if get("fp.mean") is not None:
+    if get("fp.mean") is not None and mode != "constrained":
         names.append("sauter_fp")
     if get("fdp.mean") is not None:
         names.append("sauter_fdp")
-    if bool(get("kramers_kronig.use")):
+    if mode == "restraint":
         names.append("kramers_kronig")
+    elif mode == "constrained":
+        names.append("kk_constrained")
     return names
 
 
-def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_source="chantler"):
-    """Compose the restraints a configuration switches on.
+def _references(reference, elements, source):
+    from spread_tools.physics.kk_reference import ReferenceCurve, reference_curve
+    if reference is None:
+        cache = {}
+        for el in elements:
+            if el not in cache:
+                cache[el] = reference_curve(el, source)
+        return [cache[el] for el in elements]
+    refs = list(reference) if isinstance(reference, (list, tuple)) else [reference] * len(elements)
+    if len(refs) != len(elements) or not all(isinstance(r, ReferenceCurve) for r in refs):
+        raise InputError(f"restraints: reference must be a ReferenceCurve or {len(elements)} of them")
+    return refs
+
+
+def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_source="chantler",
+                     layout=None):
+    """Compose the restraints a configuration switches on (the S1 objective's restraints).
 
     Parameters
     ----------
@@ -343,17 +573,20 @@ def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_so
         Refinement grid (eV), strictly increasing, (n_grid,).
     site_elements : sequence of str
         Element of every site (n_site,), e.g. ``["Fe", "Fe"]``.
-    reference : tuple of array_like, optional
-        ``(fp_ref, fdp_ref)``, each (n_site, n_grid): the KK reference at the
-        grid. Default: :func:`spread_tools.physics.scattering.reference_fp_fdp` of each
-        site's element.
+    reference : ReferenceCurve or list of ReferenceCurve, optional
+        KK reference per site. Default: the self-consistent reference of each site's
+        element (:func:`spread_tools.physics.kk_reference.reference_curve`).
     reference_source : str
-        Source passed to ``reference_fp_fdp`` (``"chantler"``).
+        Source of the default reference (``"chantler"``, ``"cromer_liberman"``).
+    layout : FlatLayout, optional
+        Default: the S1 layout ``FlatLayout(n_site, n_grid)`` (kind-major, no others).
 
     Returns
     -------
-    Restraints
-        Callable ``(fp, fdp) -> (f, g_fp, g_fdp)`` with ``.active`` and ``.describe()``.
+    RestraintSum
+        Callable ``x -> (f, g1)`` with ``.active``, ``.describe()``, ``.hessian()``. In the
+        KK-constrained mode the terms on f′ are left out (the constrained problem builds
+        its own, :mod:`spread_tools.refine.kk_constrained`).
 
     Raises
     ------
@@ -365,34 +598,29 @@ def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_so
     if not elements:
         raise InputError("restraints: no sites")
     n_site, n_grid = len(elements), energy.size
+    layout = layout or FlatLayout(n_site, n_grid)
+    if (layout.n_site, layout.n_grid) != (n_site, n_grid):
+        raise InputError(f"restraints: layout of {layout.n_site} x {layout.n_grid}, the grid and "
+                         f"sites give {n_site} x {n_grid}")
     get = _section(cfg)
+    mode = kk_mode(cfg)
     terms = []
     for which in ("fp", "fdp"):
         mean = get(f"{which}.mean")
-        if mean is not None:
+        if mean is not None and which in layout.kinds:
             terms.append(SauterRestraint(which, mean, _check_sigma(f"restraints.{which}.sigma",
-                                                                   get(f"{which}.sigma"))))
-    if bool(get("kramers_kronig.use")):
-        if reference is None:
-            from spread_tools.physics.scattering import reference_fp_fdp
-            refs = [reference_fp_fdp(el, energy, source=reference_source) for el in elements]
-            fp_ref = np.array([r[0] for r in refs])
-            fdp_ref = np.array([r[1] for r in refs])
-        else:
-            try:
-                fp_ref, fdp_ref = reference
-            except (TypeError, ValueError):
-                raise InputError("restraints: reference must be a pair (fp_ref, fdp_ref)") from None
-            fp_ref = np.asarray(fp_ref, dtype=np.float64)
-            fdp_ref = np.asarray(fdp_ref, dtype=np.float64)
-            if fp_ref.ndim == 1:
-                fp_ref = np.broadcast_to(fp_ref, (n_site, n_grid))
-            if fdp_ref.ndim == 1:
-                fdp_ref = np.broadcast_to(fdp_ref, (n_site, n_grid))
-            if fp_ref.shape != (n_site, n_grid) or fdp_ref.shape != (n_site, n_grid):
-                raise InputError(f"restraints: reference arrays must have shape ({n_site}, {n_grid}), "
-                                 f"got {fp_ref.shape} and {fdp_ref.shape}")
-        terms.append(KramersKronigRestraint(energy, fp_ref, fdp_ref,
-                                            pad=get("kramers_kronig.pad"),
-                                            weight=get("kramers_kronig.weight")))
-    return Restraints(terms, n_site, n_grid)
+                                                                   get(f"{which}.sigma")), layout))
+    if mode == "restraint":
+        pad = get("kramers_kronig.pad")
+        try:
+            pad = float(pad)
+        except (TypeError, ValueError):
+            raise InputError(f"parameter restraints.kramers_kronig.pad: expected a number, "
+                             f"got {pad!r}") from None
+        if not np.isfinite(pad) or pad <= 0:
+            raise InputError(f"parameter restraints.kramers_kronig.pad: must be > 0 eV, got {pad!r}")
+        refs = _references(reference, elements, reference_source)
+        terms.append(KramersKronigRestraint.from_reference(layout, energy, refs, pad,
+                                                           get("kramers_kronig.weight"),
+                                                           bool(get("kramers_kronig.offset"))))
+    return RestraintSum(terms, layout)

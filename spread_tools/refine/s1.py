@@ -117,7 +117,7 @@ from spread_tools.refine.driver import (
 )
 from spread_tools.refine.lbfgsb import LbfgsbRun
 from spread_tools.refine.mpi import get_comm
-from spread_tools.refine.objective import S1Problem
+from spread_tools.refine.kk_constrained import make_problem
 from spread_tools.refine.prepare import prepare_data
 from spread_tools.refine.restraints import RESTRAINT_SCHEMA
 from spread_tools.refine.uncertainty import _invert, edge_position
@@ -277,7 +277,7 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
     prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels)
     for w in prepared.warnings:
         say(f"warning: {w}")
-    problem = S1Problem(prepared, cache, cfg, comm, backend=backend)
+    problem = make_problem(prepared, cache, cfg, comm, backend=backend)
     drv = _Driver(problem)
     curves = _start_curves(cfg, problem)
     pm_pix = problem.pm.n_pix if problem.pm is not None else 0
@@ -439,7 +439,8 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
             f"restraint sigmas {scales or '(none scaled)'}; largest pull "
             f"{float(np.max(np.abs(calibration['pull']), initial=0.0)):.3f} e-")
     say(f"uncertainties from the profiled Fisher information in {time.perf_counter() - t_unc:.2f} s")
-    fp, fdp, g, b = p.split(x)
+    _, _, g, b = p.split(x)
+    fp, fdp, cov = p.curves_and_covariance(x, cov)     # on the result grid (fp, then fdp)
     n = p.n_ref * p.n_grid
 
     def sigmas(c):

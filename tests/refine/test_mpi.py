@@ -55,3 +55,14 @@ def test_mpi_ranks_agree_with_single_rank(data_file, tmp_path, n_ranks):
         np.testing.assert_allclose(many[k + "_sigma"], one[k + "_sigma"], rtol=1e-5)
     np.testing.assert_allclose(many["lattice_G"], one["lattice_G"], rtol=1e-6)
     np.testing.assert_allclose(many["shoebox_background"], one["shoebox_background"], rtol=1e-5, atol=1e-6)
+
+
+def test_mpi_kk_constrained_mode_agrees_with_single_rank(data_file, tmp_path):
+    """The KK-constrained mode maps every rank's gradient and Fisher block by the same T."""
+    words = ("restraints.kramers_kronig.use=True", "restraints.kramers_kronig.mode=constrained")
+    one = _run(0, data_file, tmp_path / "one.h5", *words)
+    two = _run(2, data_file, tmp_path / "two.h5", *words)
+    assert two["objective"] == pytest.approx(one["objective"], rel=1e-10)
+    for k in ("fp", "fdp"):
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-4 * np.nanmin(one[k + "_sigma"]) + 1e-7)
+        np.testing.assert_allclose(two[k + "_sigma"], one[k + "_sigma"], rtol=1e-5)

@@ -1,5 +1,9 @@
-"""Restraints: values against closed forms, gradients against finite differences
-(every parameter, including both grid ends), composition from the configuration, bad input."""
+"""Restraints as flat functions x -> (f, g1): values against closed forms, g1 against finite
+differences for every restraint and their sum (every parameter, both grid ends, both layouts),
+the KK weight from the discretisation floor, composition from the configuration, bad input,
+and the docstring example (scipy.optimize.minimize with jac=True)."""
+
+import doctest
 
 import numpy as np
 import pytest
@@ -7,9 +11,13 @@ import pytest
 from spread_tools.config import resolve
 from spread_tools.errors import InputError
 from spread_tools.physics.kk import kk_matrix
+from spread_tools.physics.kk_reference import ReferenceCurve, WindowKK, reference_curve
+from spread_tools.refine import restraints as RM
 from spread_tools.refine.restraints import (
     RESTRAINT_SCHEMA,
+    FlatLayout,
     KramersKronigRestraint,
+    RestraintSum,
     SauterRestraint,
     active_terms,
     build_restraints,
@@ -24,46 +32,65 @@ def cfg(*words):
     return resolve(SCHEMA, overrides=list(words))
 
 
-def curves(n_site, seed=0, grid=GRID):
+def flat_x(layout, seed=0):
     rng = np.random.default_rng(seed)
-    fp = -5.0 + rng.normal(scale=0.5, size=(n_site, grid.size))
-    fdp = 1.0 + rng.normal(scale=0.5, size=(n_site, grid.size))
-    return fp, fdp
+    x = rng.normal(scale=0.5, size=layout.size)
+    fp, fdp = layout.split(x)
+    if fp is not None:
+        fp += -5.0
+    fdp += 1.0
+    return x
 
 
-def reference(n_site, grid=GRID, seed=99):
-    rng = np.random.default_rng(seed)
-    return (-6.0 + rng.normal(scale=0.3, size=(n_site, grid.size)),
-            2.0 + rng.normal(scale=0.3, size=(n_site, grid.size)))
-
-
-def fd_gradients(fn, fp, fdp, step=1e-5):
-    """Central differences of fn(fp, fdp)[0] with respect to every parameter."""
-    g = []
-    for which in (0, 1):
-        base = (fp, fdp)[which]
-        out = np.zeros_like(base)
-        for idx in np.ndindex(base.shape):
-            plus = [fp.copy(), fdp.copy()]
-            minus = [fp.copy(), fdp.copy()]
-            plus[which][idx] += step
-            minus[which][idx] -= step
-            out[idx] = (fn(*plus)[0] - fn(*minus)[0]) / (2 * step)
-        g.append(out)
+def fd_gradient(fn, x, step=1e-5):
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += step
+        xm[i] -= step
+        g[i] = (fn(xp)[0] - fn(xm)[0]) / (2 * step)
     return g
 
 
-def assert_gradients(fn, fp, fdp):
-    f, g_fp, g_fdp = fn(fp, fdp)
-    assert np.isfinite(f)
-    fd_fp, fd_fdp = fd_gradients(fn, fp, fdp)
-    scale = max(1.0, np.max(np.abs(g_fp)), np.max(np.abs(g_fdp)))
-    # every point, the two grid ends included
-    np.testing.assert_allclose(g_fp, fd_fp, rtol=1e-6, atol=1e-7 * scale)
-    np.testing.assert_allclose(g_fdp, fd_fdp, rtol=1e-6, atol=1e-7 * scale)
-    for g, fd in ((g_fp, fd_fp), (g_fdp, fd_fdp)):
-        for end in (0, -1):
-            np.testing.assert_allclose(g[:, end], fd[:, end], rtol=1e-6, atol=1e-7 * scale)
+def assert_flat_gradient(fn, layout, x):
+    f, g1 = fn(x)
+    assert np.isfinite(f) and g1.dtype == np.float64 and g1.shape == x.shape
+    fd = fd_gradient(fn, x)
+    scale = max(1.0, np.max(np.abs(g1)))
+    np.testing.assert_allclose(g1, fd, rtol=1e-6, atol=1e-7 * scale)
+    # the grid ends of every curve, by their flat index
+    ends = []
+    for s in range(layout.n_site):
+        for kind in layout.kinds:
+            for k in (0, layout.n_grid - 1):
+                e = np.zeros(layout.size)
+                fp, fdp = layout.split(e)
+                (fp if kind == "fp" else fdp)[s, k] = 1.0
+                ends.append(int(np.flatnonzero(e)[0]))
+    np.testing.assert_allclose(g1[ends], fd[ends], rtol=1e-6, atol=1e-7 * scale)
+    assert not g1[layout.n_curves:].any()                    # trailing others: not restrained
+
+
+def fe_kk(grid=GRID, pad=100.0):
+    return WindowKK(grid, reference_curve("Fe"), pad)
+
+
+# ----------------------------------------------------------------- layout
+
+@pytest.mark.parametrize("order", ["kind_major", "site_major"])
+def test_layout_split_and_join_are_inverse(order):
+    lay = FlatLayout(3, 5, order=order, n_other=4)
+    x = np.arange(lay.size, dtype=float)
+    fp, fdp = lay.split(x)
+    if order == "kind_major":               # the S1 objective: all f', then all f''
+        assert fp[1, 0] == 5 and fdp[0, 0] == 15
+    else:                                   # f', f'' of site 0, then site 1
+        assert fp[1, 0] == 10 and fdp[0, 0] == 5
+    back = lay.join(fp, fdp)
+    np.testing.assert_array_equal(back[:lay.n_curves], x[:lay.n_curves])
+    assert not back[lay.n_curves:].any()
+    only = FlatLayout(2, 4, kinds=("fdp",))
+    assert only.split(np.arange(8.0))[0] is None
 
 
 # ----------------------------------------------------------------- values
@@ -75,90 +102,151 @@ def test_sauter_value_by_hand():
     assert f == pytest.approx(np.sum(d ** 2) / (2 * 0.25))
     np.testing.assert_allclose(g, [[-d[0] / 0.25, (d[0] - d[1]) / 0.25, (d[1] - d[2]) / 0.25,
                                     d[2] / 0.25]])
+    lay = FlatLayout(1, 4, order="site_major")
+    x = np.concatenate([np.zeros(4), u[0]])
+    f2, g1 = SauterRestraint("fdp", 0.1, 0.5, lay)(x)
+    assert f2 == pytest.approx(f)
+    np.testing.assert_allclose(g1[4:], g[0])
 
 
-def test_kk_restraint_value_is_the_padded_transform():
-    fp, fdp = curves(2)
-    fp_ref, fdp_ref = reference(2)
+def test_kk_restraint_value_is_the_exact_window_transform():
+    """w Σ (f′ − KK[continued f″])², the continued f″ written out on explicit nodes."""
+    lay = FlatLayout(2, GRID.size)
+    x = flat_x(lay, 3)
+    fp, fdp = lay.split(x)
     pad, w = 60.0, 3.0
-    r = KramersKronigRestraint(GRID, fp_ref, fdp_ref, pad=pad, weight=w)
-    # independent: the ramp written out as explicit nodes, zero at x0 - pad and xN + pad
-    xe = np.concatenate([[GRID[0] - pad], GRID, [GRID[-1] + pad]])
-    want = 0.0
+    ref = reference_curve("Fe")
+    r = KramersKronigRestraint.from_reference(lay, GRID, ref, pad, weight=w, offset=False)
+    r_off = KramersKronigRestraint.from_reference(lay, GRID, ref, pad, weight=w)
+    want = want_off = 0.0
+    rn = ref.energy_ev
+    x0, xn = GRID[0], GRID[-1]
     for s in range(2):
-        dfdp = np.concatenate([[0.0], fdp[s] - fdp_ref[s], [0.0]])
-        res = (fp[s] - fp_ref[s]) - kk_matrix(xe, GRID) @ dfdp
+        left = rn[rn < x0 - 1e-6]
+        right = rn[rn > xn + 1e-6]
+        nodes = np.concatenate([left, [x0 - pad], GRID, [xn + pad], right])
+        order = np.argsort(nodes)
+        nodes = nodes[order]
+        vals = ref.fdp(nodes)
+        win = (nodes >= x0) & (nodes <= xn)
+        vals[win] = np.interp(nodes[win], GRID, fdp[s])
+        lo = (nodes < x0) & (nodes >= x0 - pad)
+        vals[lo] += (fdp[s, 0] - ref.fdp(x0)) * (nodes[lo] - (x0 - pad)) / pad
+        hi = (nodes > xn) & (nodes <= xn + pad)
+        vals[hi] += (fdp[s, -1] - ref.fdp(xn)) * ((xn + pad) - nodes[hi]) / pad
+        res = fp[s] - (ref.constant + kk_matrix(nodes, GRID) @ vals)
         want += w * np.sum(res ** 2)
-    assert r(fp, fdp)[0] == pytest.approx(want, rel=1e-12)
-    assert r(fp_ref, fdp_ref)[0] == 0.0
+        want_off += w * np.sum((res - res.mean()) ** 2)     # a free constant in f'
+    assert r(x)[0] == pytest.approx(want, rel=1e-10)
+    assert r_off(x)[0] == pytest.approx(want_off, rel=1e-10)
+
+
+def test_kk_restraint_is_zero_on_a_curve_linear_between_nodes():
+    """A KK-consistent curve whose f″ is linear between the grid nodes (and the reference
+    beyond) has no floor: the restraint is 0 to round-off."""
+    grid = np.arange(7000.0, 7201.0, 4.0)
+    ref = reference_curve("Fe")
+    op = WindowKK(grid, ref, 100.0)
+    rng = np.random.default_rng(0)
+    u = ref.fdp(grid) + rng.normal(0, 0.5, grid.size)
+    lay = FlatLayout(1, grid.size)
+    x = np.concatenate([op.fp(u), u])
+    r = KramersKronigRestraint(lay, op, weight=1e5)
+    assert r(x)[0] < 1e-12
 
 
 # ----------------------------------------------------------------- gradients
 
+@pytest.mark.parametrize("order", ["kind_major", "site_major"])
 @pytest.mark.parametrize("n_site", [1, 2])
+def test_every_restraint_and_the_sum_match_finite_differences(order, n_site):
+    lay = FlatLayout(n_site, GRID.size, order=order, n_other=3)
+    other = ReferenceCurve(reference_curve("Fe").energy_ev, reference_curve("Fe").fdp_nodes * 1.1,
+                           0.2, "scaled")
+    refs = [reference_curve("Fe"), other][:n_site]
+    terms = [SauterRestraint("fp", 0.01, 0.2, lay), SauterRestraint("fdp", 0.03, 0.3, lay),
+             KramersKronigRestraint.from_reference(lay, GRID, refs, pad_ev=40.0, weight=7.0),
+             KramersKronigRestraint.from_reference(lay, GRID, refs, pad_ev=40.0, weight=7.0,
+                                                   offset=False)]
+    x = flat_x(lay, seed=n_site)
+    for t in terms:
+        assert_flat_gradient(t, lay, x)
+    total = RestraintSum(terms, lay)
+    assert_flat_gradient(total, lay, x)
+    f, g, per = total.evaluate(x)
+    assert set(per) == {t.name for t in terms}
+    assert f == pytest.approx(sum(t(x)[0] for t in terms))
+    np.testing.assert_allclose(g, sum(t(x)[1] for t in terms))
+    # the Hessian of the (quadratic) sum, against differences of g1
+    H = total.hessian()
+    v = np.random.default_rng(1).normal(size=lay.size)
+    v[lay.n_curves:] = 0
+    np.testing.assert_allclose(H @ v, total(x + v)[1] - total(x)[1], atol=1e-8 * np.abs(H).max())
+
+
+def test_gradients_on_a_nonuniform_grid_and_fdp_only_layout():
+    grid = np.array([7000.0, 7003.0, 7004.0, 7010.0, 7030.0, 7031.5])
+    lay = FlatLayout(2, grid.size)
+    x = flat_x(lay, 4)
+    for term in (SauterRestraint("fp", 0.02, 0.04, lay), SauterRestraint("fdp", 0.03, 0.08, lay),
+                 KramersKronigRestraint.from_reference(lay, grid, reference_curve("Fe"), 100.0, 1e5)):
+        assert_flat_gradient(term, lay, x)
+    only = FlatLayout(2, grid.size, kinds=("fdp",), n_other=2)
+    assert_flat_gradient(RestraintSum([SauterRestraint("fdp", 0.0, 0.1, only)], only), only,
+                         flat_x(only, 5))
+
+
 @pytest.mark.parametrize("words, names", [
     (["fp.mean=0.0", "fdp.mean=None", "kramers_kronig.use=false"], ["sauter_fp"]),
     (["fp.mean=None", "fdp.mean=0.03", "kramers_kronig.use=false"], ["sauter_fdp"]),
     (["fp.mean=None", "fdp.mean=None", "kramers_kronig.use=true"], ["kramers_kronig"]),
     (["fp.mean=0.01", "fdp.mean=0.03", "kramers_kronig.use=true", "kramers_kronig.pad=40",
       "kramers_kronig.weight=7"], ["sauter_fp", "sauter_fdp", "kramers_kronig"]),
-    ([], ["sauter_fp", "sauter_fdp"]),                 # defaults = the reference S1 run
+    ([], ["sauter_fp", "sauter_fdp"]),
 ], ids=["sauter_fp", "sauter_fdp", "kk", "all", "defaults"])
-def test_gradients_match_finite_differences(n_site, words, names):
-    restraint = build_restraints(cfg(*words), GRID, ["Fe"] * n_site, reference=reference(n_site))
-    assert restraint.active == names
-    fp, fdp = curves(n_site, seed=n_site)
-    assert_gradients(restraint, fp, fdp)
-    # the sum is the sum of the terms
-    f, _, _, per_term = restraint.evaluate(fp, fdp)
-    assert f == pytest.approx(sum(per_term.values()))
-    assert set(per_term) == set(names)
+def test_built_from_the_configuration(words, names):
+    r = build_restraints(cfg(*words), GRID, ["Fe", "Fe"])
+    assert r.active == names == active_terms(cfg(*words))
+    assert_flat_gradient(r, r.layout, flat_x(r.layout, 2))
 
 
-def test_gradients_of_single_terms_on_a_nonuniform_grid():
-    grid = np.array([7000.0, 7003.0, 7004.0, 7010.0, 7030.0, 7031.5])
-    fp, fdp = curves(2, seed=4, grid=grid)
-    for term in (SauterRestraint("fp", 0.02, 0.04), SauterRestraint("fdp", 0.03, 0.08),
-                 KramersKronigRestraint(grid, *reference(2, grid), pad=100.0, weight=1e5)):
-        assert_gradients(term, fp, fdp)
+# ----------------------------------------------------------------- floor and weight
+
+def test_kk_weight_comes_from_the_floor_of_the_grid():
+    from spread_tools.physics.kk_reference import discretisation_floor
+    grid4 = np.arange(7070.0, 7171.0, 4.0)
+    grid1 = np.arange(7070.0, 7171.0, 1.0)
+    fl4 = discretisation_floor(WindowKK(grid4, reference_curve("Fe"), 100.0))
+    fl1 = discretisation_floor(WindowKK(grid1, reference_curve("Fe"), 100.0))
+    print(f"\nFe KK floor: 4 eV {fl4['rms']:.4f} e- rms (max {fl4['max']:.3f}), "
+          f"1 eV {fl1['rms']:.4f} e- rms (max {fl1['max']:.3f})")
+    assert 0.05 < fl4["rms"] < 0.3 and fl1["rms"] < 0.05 and fl1["rms"] < fl4["rms"] / 3
+    r = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true"), grid4, ["Fe"])
+    kk = r.terms[-1]
+    # a free f' offset (default): the floor about each probe's mean
+    assert kk.weight == pytest.approx(1.0 / (2.0 * fl4["rms_about_mean"] ** 2))
+    line = r.describe()[-1]
+    assert "floor" in line and "1/(2 floor^2)" in line and f"{fl4['rms_about_mean']:.4f}" in line
+    r0 = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true", "kramers_kronig.offset=false"),
+                          grid4, ["Fe"])
+    assert r0.terms[-1].weight == pytest.approx(1.0 / (2.0 * fl4["rms"] ** 2))
+    # the reference KK run's weight is one word away
+    r5 = build_restraints(cfg("fdp.mean=None", "kramers_kronig.use=true",
+                              "kramers_kronig.weight=1e5"), grid4, ["Fe"])
+    assert r5.terms[-1].weight == 1e5 and "(given)" in r5.describe()[-1]
 
 
-# ----------------------------------------------------------------- composition
-
-def test_fdp_sauter_off_and_kk_on():
-    r = build_restraints(cfg("restraints.fdp.mean=None", "restraints.kramers_kronig.use=True"),
-                         GRID, ["Fe", "Fe"], reference=reference(2))
-    assert "kramers_kronig" in r.active and "sauter_fdp" not in r.active
-    assert active_terms(cfg("restraints.fdp.mean=None", "restraints.kramers_kronig.use=True")) \
-        == r.active
-    assert any("pad 100 eV" in line for line in r.describe())
+def test_constrained_mode_leaves_f_prime_terms_out():
+    words = ["kramers_kronig.use=true", "kramers_kronig.mode=constrained"]
+    assert active_terms(cfg(*words)) == ["sauter_fdp", "kk_constrained"]
+    r = build_restraints(cfg(*words), GRID, ["Fe"], layout=FlatLayout(1, GRID.size, kinds=("fdp",)))
+    assert r.active == ["sauter_fdp"]
 
 
-def test_everything_off_is_zero():
-    r = build_restraints(cfg("fp.mean=None", "fdp.mean=None", "kramers_kronig.use=false"),
-                         GRID, ["Fe"])
-    assert r.active == [] and r.describe() == ["no restraints"]
-    fp, fdp = curves(1)
-    f, g_fp, g_fdp = r(fp, fdp)
-    assert f == 0.0 and not g_fp.any() and not g_fdp.any()
-
-
-def test_default_reference_is_the_element_table():
-    from spread_tools.physics.scattering import reference_fp_fdp
-    grid = np.arange(7070.0, 7171.0, 4.0)
-    r = build_restraints(cfg("fp.mean=None", "fdp.mean=None", "kramers_kronig.use=true"), grid,
-                         ["Fe", "Fe"])
-    fp_ref, fdp_ref = reference_fp_fdp("Fe", grid)
-    f, g_fp, g_fdp = r(np.array([fp_ref, fp_ref]), np.array([fdp_ref, fdp_ref]))
-    assert f == 0.0 and not g_fp.any() and not g_fdp.any()
-
-
-def test_config_dict_and_section_are_accepted():
-    d = {"restraints": {"fp": {"mean": None}, "fdp": {"mean": 0.03, "sigma": 0.08},
-                        "kramers_kronig": {"use": False}}}
-    assert active_terms(d) == ["sauter_fdp"]
-    assert active_terms(d["restraints"]) == ["sauter_fdp"]
-    assert active_terms(cfg().restraints) == ["sauter_fp", "sauter_fdp"]
+def test_docstring_example_runs():
+    """The module docstring's scipy.optimize.minimize(jac=True) example (a doctest)."""
+    result = doctest.testmod(RM, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
 
 
 # ----------------------------------------------------------------- bad input
@@ -172,29 +260,29 @@ def test_config_dict_and_section_are_accepted():
 ])
 def test_bad_parameters(words, fragment):
     with pytest.raises(InputError, match=fragment) as err:
-        build_restraints(cfg(*words), GRID, ["Fe"], reference=reference(1))
+        build_restraints(cfg(*words), GRID, ["Fe"])
     assert "\n" not in str(err.value)
 
 
 def test_bad_arrays():
-    r = build_restraints(cfg("fdp.mean=0.03"), GRID, ["Fe", "Fe"], reference=reference(2))
-    fp, fdp = curves(2)
-    with pytest.raises(InputError, match="shape"):
-        r(fp, fdp[:, :-1])
-    with pytest.raises(InputError, match="grid points"):
-        r(fp[:, :-1], fdp[:, :-1])
-    with pytest.raises(InputError, match="sites"):
-        r(fp[:1], fdp[:1])
-    bad = fp.copy()
-    bad[1, 3] = np.nan
-    with pytest.raises(InputError, match="fp contains NaN"):
-        r(bad, fdp)
-    with pytest.raises(InputError, match="not strictly increasing"):
-        build_restraints(cfg(), GRID[::-1], ["Fe"], reference=reference(1))
+    r = build_restraints(cfg("fdp.mean=0.03"), GRID, ["Fe", "Fe"])
+    x = flat_x(r.layout)
+    with pytest.raises(InputError, match="x has shape"):
+        r(x[:-1])
+    bad = x.copy()
+    bad[3] = np.nan
     with pytest.raises(InputError, match="NaN"):
-        build_restraints(cfg(), np.where(GRID == GRID[2], np.nan, GRID), ["Fe"],
-                         reference=reference(1))
-    with pytest.raises(InputError, match="reference arrays must have shape"):
-        build_restraints(cfg("kramers_kronig.use=true"), GRID, ["Fe", "Fe"], reference=reference(1))
+        r(bad)
+    with pytest.raises(InputError, match="not strictly increasing"):
+        build_restraints(cfg(), GRID[::-1], ["Fe"])
+    with pytest.raises(InputError, match="NaN"):
+        build_restraints(cfg(), np.where(GRID == GRID[2], np.nan, GRID), ["Fe"])
+    with pytest.raises(InputError, match="ReferenceCurve"):
+        build_restraints(cfg("kramers_kronig.use=true"), GRID, ["Fe", "Fe"],
+                         reference=[reference_curve("Fe")])
     with pytest.raises(InputError, match="sigma: must be > 0"):
-        sauter_difference(fp, 0.0, 0.0)
+        sauter_difference(x, 0.0, 0.0)
+    with pytest.raises(InputError, match="no fp"):
+        SauterRestraint("fp", 0.0, 0.1, FlatLayout(1, 3, kinds=("fdp",)))
+    with pytest.raises(InputError, match="order"):
+        FlatLayout(1, 3, order="random")
