@@ -84,13 +84,13 @@ def restraint_parts(problem, x):
     list of RestraintPart
     """
     from spread_tools.refine.restraints import SauterRestraint
-    n = problem.n_ref * problem.n_grid
     xg = np.asarray(x[:problem.n_glob], dtype=np.float64)
 
     def fg(term, v):
-        f, gp, gd = term(v[:n].reshape(problem.n_ref, problem.n_grid),
-                         v[n:2 * n].reshape(problem.n_ref, problem.n_grid))
-        return float(f), np.concatenate([np.ravel(gp), np.ravel(gd)])
+        # the flat interface: the term's layout is the leading part of the global parameters
+        m = term.layout.size
+        f, g1 = term(v[:m])
+        return float(f), np.concatenate([np.asarray(g1, np.float64), np.zeros(len(v) - m)])
 
     parts = []
     for term in problem.restraints.terms:

@@ -448,7 +448,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         sg = np.sqrt(np.where(d >= 0, d, np.nan))
         return sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid)
     fp_sigma, fdp_sigma = sigmas(cov)
-    fp_sigma_post, fdp_sigma_post = sigmas(cov_post)
+    fp_sigma_post, fdp_sigma_post = sigmas(p.curves_and_covariance(x, cov_post)[2])
     edges, edge_s = [], []
     for s in range(p.n_ref):
         idx = n + s * p.n_grid + np.arange(p.n_grid)
