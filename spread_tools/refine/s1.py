@@ -94,6 +94,7 @@ import scipy.optimize
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
+from spread_tools.model.bands import DEFAULT_RTOL
 from spread_tools.refine.checkpoint import (
     _answer_config,
     _fingerprint,
@@ -148,6 +149,10 @@ REFINE_SCHEMA = {
         "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
     },
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
+    "pixel_model": {
+        "band_rtol": P(DEFAULT_RTOL, "channel band cut: relative tolerance on lambda per pixel (times "
+                       "max I / min I over its channels); 0 keeps the exact dense result"),
+    },
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
         "keep": P(False, "keep the checkpoint after a converged run"),

@@ -1,0 +1,606 @@
+"""CPU kernels of the channel-banded pixel model (Numba ``@njit(parallel=True, cache=True)``).
+
+Layout (see :mod:`spread_tools.model.bands`): pixel p keeps the channels
+``lo[p] : lo[p] + length[p]`` of its weights; the values of shoebox k are stored
+contiguously from ``sb_offset[k]`` in pixel order (float32).
+
+Building the bands (:func:`band_lengths`, then :func:`band_values`): the lattice
+transform of sub-pixel s and domain d is, as a function of the inverse wavelength
+il = E/hc, ``exp(−Q(il))`` with the quadratic
+
+    Q(il) = (2/0.63) Σ_k N_k² (v_k il − h0_k)² = α (il − il*)² + Q*,    v = (R_d A)⁻¹ (ŝ − ŝ0),
+
+so its centre il* and curvature α are known in closed form. With Q_min the smallest
+Q* of the pixel and a margin T (:func:`screen_margin`), a term with Q > Q_min + T is
+below ``exp(−T)`` of the brightest one: such terms are skipped, and only the channels
+where some term has Q ≤ Q_min + T are evaluated at all. The skipped mass is bounded
+by ``B = r_e² Φ Σ_s ω_s P_s peak exp(−Q_min − T)`` (Φ = Σ_c φ_c) and charged to the
+cut's budget; when it does not fit (the peak sits in a gap of a spiky spectrum) the
+pixel is evaluated over every channel instead. ``rtol = 0`` evaluates every channel
+and every term, in the same order as the dense kernel
+(:func:`spread_tools.model.kernels.cpu.channel_weights`): the stored values are then
+the dense float32 weights bit for bit, and only exact zeros are left out.
+
+The cut (:func:`_trim`): starting from the evaluated window, the smaller end value is
+dropped while the dropped sum stays within ``rtol · Σ_c w[p, c] − B``.
+
+The model pass (:func:`model_pass`) uses per-shoebox constants of the fixed data
+(:func:`setup_shoeboxes`): for the Poisson NLL Σ_unmasked (λ − k ln λ) with
+λ = G S + bg, S = Σ_c w I, bg = exp(b0 + b1 x̂ + b2 ŷ),
+
+    Σ λ          = Σ bg + G Σ_c Wsum_c I_c,              Wsum_c = Σ_unmasked w[p, c]
+    Σ k ln λ     = b0 K0 + b1 K1 + b2 K2 + Σ_active k ln(1 + G S/bg),   K = Σ_unmasked k (1, x̂, ŷ)
+    ∂/∂I_c       = G (Wsum_c − Σ_active k w[p, c]/λ_p)
+    ∂/∂G         = Σ_c Wsum_c I_c − Σ_active k S/λ
+    ∂/∂(b0,b1,b2) = Σ bg (1, x̂, ŷ) − K + Σ_active k (1, x̂, ŷ) G S/λ
+
+where the *active* pixels are the unmasked ones with k ≠ 0 and a non-empty band:
+only they are read channel by channel; every other pixel costs its mask byte and two
+multiply-adds of the background sum. All of this is exact algebra (no approximation).
+Shoeboxes run in parallel, each writes its own results; sums over shoeboxes are
+serial in shoebox order (:func:`reduce_spans`), so results are bit-identical on
+every call and for any number of threads.
+"""
+
+import math
+
+import numba
+import numpy as np
+
+from spread_tools.model.kernels import GAUSS_SHAPE_CONST, R_E2_A2
+
+_TWO_OVER_C = 2.0 / GAUSS_SHAPE_CONST
+_REASSOC = {"reassoc", "contract"}
+#: Below half the smallest float32 subnormal a weight rounds to exactly 0.
+_F32_ZERO = 5e-46
+
+
+@numba.njit(cache=True)
+def screen_margin(rtol, n_chan, n_terms):
+    """Margin T of the analytic screen: terms more than T below the brightest are skipped.
+
+    T = ln(1/rtol) + ln(n_chan · n_terms) + 5, so that the skipped mass is far below
+    the cut's budget except when the peak falls in a gap of the spectrum.
+    """
+    return math.log(1.0 / rtol) + math.log(max(1.0, n_chan * n_terms)) + 5.0
+
+
+@numba.njit(cache=True)
+def _subpixel(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix, pol_n, s0hat, out):
+    """ω·P·peak and ŝ − ŝ0 of one sub-pixel into out[0:4] (same arithmetic as the dense kernel)."""
+    fx = (ix + (a + 0.5) * inv_os) * ppix[pn, 0]
+    sy = (iy + (b + 0.5) * inv_os) * ppix[pn, 1]
+    r0 = porig[pn, 0] + fx * pfast[pn, 0] + sy * pslow[pn, 0]
+    r1 = porig[pn, 1] + fx * pfast[pn, 1] + sy * pslow[pn, 1]
+    r2 = porig[pn, 2] + fx * pfast[pn, 2] + sy * pslow[pn, 2]
+    dist2 = r0 * r0 + r1 * r1 + r2 * r2
+    dist = math.sqrt(dist2)
+    u0 = r0 / dist
+    u1 = r1 / dist
+    u2 = r2 / dist
+    omega = area * abs(u0 * pnorm[pn, 0] + u1 * pnorm[pn, 1] + u2 * pnorm[pn, 2]) / dist2
+    cpn = u0 * pol_n[j, 0] + u1 * pol_n[j, 1] + u2 * pol_n[j, 2]
+    c2t = u0 * s0hat[j, 0] + u1 * s0hat[j, 1] + u2 * s0hat[j, 2]
+    pol = (1.0 - 2.0 * f) * (1.0 - cpn * cpn) + f * (1.0 + c2t * c2t)
+    out[0] = omega * pol * peak
+    out[1] = u0 - s0hat[j, 0]
+    out[2] = u1 - s0hat[j, 1]
+    out[3] = u2 - s0hat[j, 2]
+
+
+@numba.njit(cache=True)
+def _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig, pfast, pslow,
+                 pnorm, ppix, bbox, pix_off, h0, sub, v, tmp):
+    """Sub-pixel weights ω·P·peak into ``sub`` and, for every (sub-pixel s, domain d) term
+    t = s·n_dom + d, v (3), curvature α, centre il*, minimum Q* into ``v[t]``.
+
+    Returns (Q_min, Σ_s sub[s]).
+    """
+    inv_os = 1.0 / oversample
+    na2 = nabc[j, 0] * nabc[j, 0]
+    nb2 = nabc[j, 1] * nabc[j, 1]
+    nc2 = nabc[j, 2] * nabc[j, 2]
+    peak = (nabc[j, 0] * nabc[j, 1] * nabc[j, 2]) ** 2
+    area = ppix[pn, 0] * ppix[pn, 1] * inv_os * inv_os
+    f = pol_f[j]
+    width = bbox[k, 1] - bbox[k, 0]
+    loc = p - pix_off[k]
+    ix = bbox[k, 0] + loc % width
+    iy = bbox[k, 2] + loc // width
+    g0 = h0[k, 0]
+    g1 = h0[k, 1]
+    g2 = h0[k, 2]
+    q_min = math.inf
+    wsum = 0.0
+    for a in range(oversample):
+        for b in range(oversample):
+            s = a * oversample + b
+            _subpixel(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix, pol_n,
+                      s0hat, tmp)
+            sub[s] = tmp[0]
+            wsum += tmp[0]
+            for d in range(n_dom):
+                m = minv[d0 + d]
+                t = s * n_dom + d
+                v0 = m[0, 0] * tmp[1] + m[0, 1] * tmp[2] + m[0, 2] * tmp[3]
+                v1 = m[1, 0] * tmp[1] + m[1, 1] * tmp[2] + m[1, 2] * tmp[3]
+                v2 = m[2, 0] * tmp[1] + m[2, 1] * tmp[2] + m[2, 2] * tmp[3]
+                al = _TWO_OVER_C * (na2 * v0 * v0 + nb2 * v1 * v1 + nc2 * v2 * v2)
+                be = _TWO_OVER_C * (na2 * v0 * g0 + nb2 * v1 * g1 + nc2 * v2 * g2)
+                ils = be / al if al > 0.0 else 0.0
+                dh0 = v0 * ils - g0
+                dh1 = v1 * ils - g1
+                dh2 = v2 * ils - g2
+                qs = _TWO_OVER_C * (na2 * dh0 * dh0 + nb2 * dh1 * dh1 + nc2 * dh2 * dh2)
+                v[t, 0] = v0
+                v[t, 1] = v1
+                v[t, 2] = v2
+                v[t, 3] = al
+                v[t, 4] = ils
+                v[t, 5] = qs
+                q_min = min(q_min, qs)
+    return q_min, wsum
+
+
+@numba.njit(cache=True)
+def _window(v, n_terms, cut, inv_lam):
+    """Channels ca:cb where some term has Q ≤ cut (the hull of the terms' intervals)."""
+    il_lo = math.inf
+    il_hi = -math.inf
+    for t in range(n_terms):
+        if v[t, 5] <= cut:
+            if v[t, 3] > 0.0:
+                half = math.sqrt((cut - v[t, 5]) / v[t, 3])
+                il_lo = min(il_lo, v[t, 4] - half)
+                il_hi = max(il_hi, v[t, 4] + half)
+            else:
+                il_lo = -math.inf
+                il_hi = math.inf
+    if il_lo > il_hi:
+        return 0, 0
+    ca = np.searchsorted(inv_lam, il_lo)                 # first channel >= il_lo
+    cb = np.searchsorted(inv_lam, il_hi, side="right")   # after the last channel <= il_hi
+    return ca, cb
+
+
+@numba.njit(cache=True)
+def _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf):
+    """w of channels ca:cb into ``buf`` (float32-rounded, as float64; every term, the dense
+    kernel's order and arithmetic, so the values are the dense ones bit for bit). Returns Σ."""
+    na2 = nabc[j, 0] * nabc[j, 0]
+    nb2 = nabc[j, 1] * nabc[j, 1]
+    nc2 = nabc[j, 2] * nabc[j, 2]
+    g0 = h0[k, 0]
+    g1 = h0[k, 1]
+    g2 = h0[k, 2]
+    total = 0.0
+    for c in range(ca, cb):
+        buf[c] = 0.0
+        if phi[j, c] == 0.0:
+            continue
+        il = inv_lam[c]
+        acc = 0.0
+        for s in range(n_sub):
+            ssum = 0.0
+            for d in range(n_dom):
+                t = s * n_dom + d
+                dh0 = v[t, 0] * il - g0
+                dh1 = v[t, 1] * il - g1
+                dh2 = v[t, 2] * il - g2
+                ssum += math.exp(-_TWO_OVER_C * (na2 * dh0 * dh0 + nb2 * dh1 * dh1 + nc2 * dh2 * dh2))
+            acc += sub[s] * ssum
+        val = np.float64(np.float32(R_E2_A2 * phi[j, c] * acc / n_dom))
+        buf[c] = val
+        total += val
+    return total
+
+
+@numba.njit(cache=True)
+def _trim(buf, ca, cb, budget):
+    """Smallest band lo:hi inside ca:cb obtained by dropping the smaller end value while
+    the dropped sum stays ≤ budget (exact zeros are always dropped)."""
+    lo = ca
+    hi = cb
+    left = budget
+    while lo < hi:
+        x = buf[lo]
+        y = buf[hi - 1]
+        if x <= y:
+            if x == 0.0 or x <= left:
+                left -= x
+                lo += 1
+            else:
+                break
+        else:
+            if y == 0.0 or y <= left:
+                left -= y
+                hi -= 1
+            else:
+                break
+    return lo, hi
+
+
+@numba.njit(cache=True)
+def _phi_stats(phi, j):
+    mx = 0.0
+    tot = 0.0
+    for c in range(phi.shape[1]):
+        tot += phi[j, c]
+        if phi[j, c] > mx:
+            mx = phi[j, c]
+    return mx, tot
+
+
+@numba.njit(cache=True)
+def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, phi, phi_max, phi_tot,
+                porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, inv_lam, rtol, sub, v, tmp, buf):
+    """Band (lo, hi) of one pixel and the number of channels evaluated; ``buf[lo:hi]`` holds its values.
+
+    The window of the analytic screen starts at Q ≤ Q_min + T; the weight outside it is at
+    most B = r_e² Φ Σ_s sub[s] exp(−cut). When B does not fit in the budget rtol·Σ, the
+    window is widened to the cut where it does (from the Σ found so far; by another T when
+    the window held only φ = 0 channels), at most 8 times, then every channel is evaluated.
+    """
+    n_chan = inv_lam.shape[0]
+    n_sub = oversample * oversample
+    q_min, wsum = _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig,
+                               pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
+    # every weight below half the smallest float32 subnormal: all exactly 0
+    if phi_max <= 0.0 or R_E2_A2 * phi_max * wsum * math.exp(-q_min) < _F32_ZERO:
+        return 0, 0, 0
+    scale = R_E2_A2 * phi_tot * wsum
+    ca = 0
+    cb = n_chan
+    budget = 0.0
+    done = False
+    if rtol > 0.0:
+        margin = screen_margin(rtol, n_chan, n_sub * n_dom)
+        cut = q_min + margin
+        for attempt in range(8):
+            ca, cb = _window(v, n_sub * n_dom, cut, inv_lam)
+            if ca == 0 and cb == n_chan:
+                break
+            total = _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
+            budget = rtol * total - scale * math.exp(-cut)
+            if budget >= 0.0:
+                done = True
+                break
+            if total > 0.0:
+                # the cut at which the bound is half the budget of the weight found so far
+                cut = max(cut + 1.0, math.log(scale) - math.log(0.5 * rtol * total))
+            else:
+                cut += margin          # the window fell into a gap of the spectrum: widen
+    if not done:
+        ca = 0
+        cb = n_chan
+        total = _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
+        budget = rtol * total
+    a, b = _trim(buf, ca, cb, budget)
+    return a, b, cb - ca
+
+
+@numba.njit(parallel=True, cache=True)
+def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, pslow, pnorm, ppix,
+                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length, evaluated):
+    """First pass: ``lo[p]``, ``length[p]`` of every pixel's band (uint16) and the number of
+    channels evaluated for it (``evaluated``, a diagnostic)."""
+    n_sb = len(sb_lat)
+    n_chan = inv_lam.shape[0]
+    for k in numba.prange(n_sb):
+        j = sb_lat[k]
+        pn = sb_panel[k]
+        d0 = dom_off[j]
+        n_dom = dom_off[j + 1] - d0
+        phi_max, phi_tot = _phi_stats(phi, j)
+        sub = np.empty(oversample * oversample)
+        v = np.empty((oversample * oversample * n_dom, 6))
+        tmp = np.empty(4)
+        buf = np.zeros(n_chan)
+        for p in range(pix_off[k], pix_off[k + 1]):
+            a, b, n_ev = _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, phi,
+                                     phi_max, phi_tot, porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0,
+                                     inv_lam, rtol, sub, v, tmp, buf)
+            lo[p] = a
+            length[p] = b - a
+            evaluated[p] = n_ev
+
+
+@numba.njit(parallel=True, cache=True)
+def band_values(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, pslow, pnorm, ppix,
+                pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, lo, length, sb_offset, values):
+    """Second pass: the band values (float32), shoebox k's from ``sb_offset[k]`` in pixel order
+    (only the band's channels are evaluated; the values are those of the first pass)."""
+    n_sb = len(sb_lat)
+    n_chan = inv_lam.shape[0]
+    for k in numba.prange(n_sb):
+        j = sb_lat[k]
+        pn = sb_panel[k]
+        d0 = dom_off[j]
+        n_dom = dom_off[j + 1] - d0
+        n_sub = oversample * oversample
+        sub = np.empty(n_sub)
+        v = np.empty((n_sub * n_dom, 6))
+        tmp = np.empty(4)
+        buf = np.zeros(n_chan)
+        o = sb_offset[k]
+        for p in range(pix_off[k], pix_off[k + 1]):
+            n = np.int64(length[p])
+            if n == 0:
+                continue
+            a = np.int64(lo[p])
+            _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig, pfast, pslow,
+                         pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
+            _evaluate(a, a + n, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
+            for i in range(n):
+                values[o + i] = np.float32(buf[a + i])
+            o += n
+
+
+@numba.njit(parallel=True, cache=True)
+def bands_from_dense(w, pix_off, rtol, lo, length):
+    """``lo``, ``length`` of dense weights ``w`` (n_pix, n_chan) under the cut (no screen: B = 0)."""
+    n_chan = w.shape[1]
+    n_sb = len(pix_off) - 1
+    for k in numba.prange(n_sb):
+        buf = np.empty(n_chan)
+        for p in range(pix_off[k], pix_off[k + 1]):
+            total = 0.0
+            for c in range(n_chan):
+                buf[c] = np.float64(w[p, c])
+                total += buf[c]
+            a, b = _trim(buf, 0, n_chan, rtol * total)
+            lo[p] = a
+            length[p] = b - a
+
+
+@numba.njit(parallel=True, cache=True)
+def pack_dense(w, pix_off, lo, length, sb_offset, values):
+    """Copy the bands of dense ``w`` into ``values``."""
+    for k in numba.prange(len(pix_off) - 1):
+        o = sb_offset[k]
+        for p in range(pix_off[k], pix_off[k + 1]):
+            for i in range(length[p]):
+                values[o + i] = w[p, lo[p] + i]
+            o += length[p]
+
+
+@numba.njit(parallel=True, cache=True)
+def unpack_dense(values, pix_off, lo, length, sb_offset, w):
+    """Dense ``w`` (n_pix, n_chan), zero outside the bands."""
+    for k in numba.prange(len(pix_off) - 1):
+        o = sb_offset[k]
+        for p in range(pix_off[k], pix_off[k + 1]):
+            for c in range(w.shape[1]):
+                w[p, c] = 0.0
+            for i in range(length[p]):
+                w[p, lo[p] + i] = values[o + i]
+            o += length[p]
+
+
+@numba.njit(cache=True)
+def shoebox_sizes(pix_off, lo, length):
+    """Per shoebox: number of values, and the channel span (first, count) of its pixels' bands."""
+    n_sb = len(pix_off) - 1
+    n_val = np.zeros(n_sb, np.int64)
+    span_lo = np.zeros(n_sb, np.int64)
+    span_len = np.zeros(n_sb, np.int64)
+    for k in range(n_sb):
+        a = 1 << 30
+        b = -1
+        tot = 0
+        for p in range(pix_off[k], pix_off[k + 1]):
+            n = np.int64(length[p])
+            tot += n
+            if n > 0:
+                a = min(a, np.int64(lo[p]))
+                b = max(b, np.int64(lo[p]) + n)
+        n_val[k] = tot
+        if b > a:
+            span_lo[k] = a
+            span_len[k] = b - a
+    return n_val, span_lo, span_len
+
+
+@numba.njit(parallel=True, cache=True)
+def setup_shoeboxes(values, lo, length, sb_offset, pix_off, bbox, counts, mask, span_lo, span_off,
+                    act_off, wsum, kmom, act_pix, act_woff, act_lo, act_len, act_k):
+    """Constants of the fixed data for :func:`model_pass`.
+
+    ``wsum[span_off[k] + c − span_lo[k]]`` = Σ_unmasked w[p, c]; ``kmom[k]`` = Σ_unmasked k (1, x̂, ŷ);
+    the active pixels of shoebox k (unmasked, k ≠ 0, non-empty band) at ``act_off[k]:act_off[k+1]``:
+    local pixel index, local value offset, band, count.
+    """
+    for k in numba.prange(len(pix_off) - 1):
+        width = bbox[k, 1] - bbox[k, 0]
+        xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
+        yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
+        o = 0
+        i = act_off[k]
+        so = span_off[k] - span_lo[k]
+        for c in range(span_off[k], span_off[k + 1]):
+            wsum[c] = 0.0
+        k0 = 0.0
+        k1 = 0.0
+        k2 = 0.0
+        p0 = pix_off[k]
+        for p in range(p0, pix_off[k + 1]):
+            n = np.int64(length[p])
+            if mask[p]:
+                loc = p - p0
+                kk = np.float64(counts[p])
+                xh = (bbox[k, 0] + loc % width) + 0.5 - xc
+                yh = (bbox[k, 2] + loc // width) + 0.5 - yc
+                k0 += kk
+                k1 += kk * xh
+                k2 += kk * yh
+                base = sb_offset[k] + o
+                for q in range(n):
+                    wsum[so + lo[p] + q] += np.float64(values[base + q])
+                if kk != 0.0 and n > 0:
+                    act_pix[i] = loc
+                    act_woff[i] = o
+                    act_lo[i] = lo[p]
+                    act_len[i] = length[p]
+                    act_k[i] = counts[p]
+                    i += 1
+            o += n
+        kmom[k, 0] = k0
+        kmom[k, 1] = k1
+        kmom[k, 2] = k2
+
+
+@numba.njit(cache=True)
+def count_active(pix_off, length, counts, mask):
+    """Active pixels (unmasked, k ≠ 0, non-empty band) per shoebox."""
+    n_sb = len(pix_off) - 1
+    out = np.zeros(n_sb, np.int64)
+    for k in range(n_sb):
+        n = 0
+        for p in range(pix_off[k], pix_off[k + 1]):
+            if mask[p] and counts[p] != 0.0 and length[p] > 0:
+                n += 1
+        out[k] = n
+    return out
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
+def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, span_off, wsum, kmom,
+               act_off, act_pix, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
+               nll_sb, dG_sb, dbg_sb, dI_span):
+    """NLL and gradients per shoebox (module docstring); ``dI_span`` over each shoebox's channel span."""
+    n_sb = len(sb_lat)
+    for k in numba.prange(n_sb):
+        j = sb_lat[k]
+        h = sb_h[k]
+        g = G[j]
+        b0 = bg[k, 0]
+        b1 = bg[k, 1]
+        b2 = bg[k, 2]
+        x0 = bbox[k, 0]
+        width = bbox[k, 1] - bbox[k, 0]
+        y0 = bbox[k, 2]
+        height = bbox[k, 3] - bbox[k, 2]
+        xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
+        yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
+        ex = np.empty(width)
+        ey = np.empty(height)
+        for col in range(width):
+            ex[col] = math.exp(b1 * ((x0 + col) + 0.5 - xc))
+        # Σ_unmasked bg·(1, x̂, ŷ), separable per row
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        p = pix_off[k]
+        for row in range(height):
+            yh = (y0 + row) + 0.5 - yc
+            ey[row] = math.exp(b0 + b2 * yh)
+            r0 = 0.0
+            r1 = 0.0
+            for col in range(width):
+                m = 1.0 if mask[p + col] else 0.0
+                e = m * ex[col]
+                r0 += e
+                r1 += e * ((x0 + col) + 0.5 - xc)
+            s0 += ey[row] * r0
+            s1 += ey[row] * r1
+            s2 += ey[row] * yh * r0
+            p += width
+        # Σ_unmasked S = Σ_c Wsum_c I_c
+        c0 = span_lo[k]
+        nspan = span_off[k + 1] - span_off[k]
+        wo = span_off[k]
+        ssum = 0.0
+        for c in range(nspan):
+            ssum += wsum[wo + c] * I[h, c0 + c]
+        nll = s0 + g * ssum - (b0 * kmom[k, 0] + b1 * kmom[k, 1] + b2 * kmom[k, 2])
+        acc = np.zeros(nspan)
+        gq = 0.0
+        q0 = 0.0
+        q1 = 0.0
+        q2 = 0.0
+        base = sb_offset[k]
+        for i in range(act_off[k], act_off[k + 1]):
+            loc = act_pix[i]
+            row = loc // width
+            col = loc - row * width
+            o = base + act_woff[i]
+            l0 = np.int64(act_lo[i])
+            n = np.int64(act_len[i])
+            s = 0.0
+            for q in range(n):
+                s += np.float64(values[o + q]) * I[h, l0 + q]
+            kk = np.float64(act_k[i])
+            xh = (x0 + col) + 0.5 - xc
+            yh = (y0 + row) + 0.5 - yc
+            bgp = ey[row] * ex[col]
+            gs = g * s
+            lam = gs + bgp
+            inv = 1.0 / lam
+            if bgp > 0.0 and gs < 1e300 * bgp:
+                lg = math.log1p(gs / bgp)
+            else:
+                lg = math.log(lam) - (b0 + b1 * xh + b2 * yh)
+            nll -= kk * lg
+            if want_grad:
+                kq = kk * gs * inv
+                gq += kk * s * inv
+                q0 += kq
+                q1 += kq * xh
+                q2 += kq * yh
+                ki = kk * inv
+                so = l0 - c0
+                for q in range(n):
+                    acc[so + q] += ki * np.float64(values[o + q])
+        nll_sb[k] = nll
+        if want_grad:
+            dG_sb[k] = ssum - gq
+            dbg_sb[k, 0] = s0 - kmom[k, 0] + q0
+            dbg_sb[k, 1] = s1 - kmom[k, 1] + q1
+            dbg_sb[k, 2] = s2 - kmom[k, 2] + q2
+            for c in range(nspan):
+                dI_span[wo + c] = g * (wsum[wo + c] - acc[c])
+
+
+@numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
+def expected_counts(values, lo, length, sb_offset, pix_off, bbox, sb_lat, sb_h, I, G, bg, lam_out):
+    """λ_p = G_j Σ_band w I + exp(b0 + b1 x̂ + b2 ŷ) of every pixel (masked ones too)."""
+    for k in numba.prange(len(sb_lat)):
+        j = sb_lat[k]
+        h = sb_h[k]
+        g = G[j]
+        x0 = bbox[k, 0]
+        width = bbox[k, 1] - bbox[k, 0]
+        y0 = bbox[k, 2]
+        xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
+        yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
+        o = sb_offset[k]
+        p0 = pix_off[k]
+        for p in range(p0, pix_off[k + 1]):
+            loc = p - p0
+            xh = (x0 + loc % width) + 0.5 - xc
+            yh = (y0 + loc // width) + 0.5 - yc
+            l0 = np.int64(lo[p])
+            n = np.int64(length[p])
+            s = 0.0
+            for q in range(n):
+                s += np.float64(values[o + q]) * I[h, l0 + q]
+            o += n
+            lam_out[p] = g * s + math.exp(bg[k, 0] + bg[k, 1] * xh + bg[k, 2] * yh)
+
+
+@numba.njit(cache=True)
+def reduce_spans(nll_sb, dG_sb, dI_span, sb_lat, sb_h, span_lo, span_off, n_lat, n_h, n_chan, want_grad):
+    """Sums over shoeboxes in shoebox order (serial, deterministic): nll, dG (n_lat,), dI (n_h, n_chan)."""
+    nll = 0.0
+    for k in range(len(nll_sb)):
+        nll += nll_sb[k]
+    dG = np.zeros(n_lat)
+    dI = np.zeros((n_h, n_chan))
+    if want_grad:
+        for k in range(len(nll_sb)):
+            dG[sb_lat[k]] += dG_sb[k]
+            h = sb_h[k]
+            c0 = span_lo[k]
+            for c in range(span_off[k + 1] - span_off[k]):
+                dI[h, c0 + c] += dI_span[span_off[k] + c]
+    return nll, dG, dI
