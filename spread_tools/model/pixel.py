@@ -7,9 +7,14 @@ For pixel p of shoebox k (lattice j, Miller index h0, ``docs/formats.md``)::
     NLL     = Σ_{p unmasked} (λ_p − k_p ln λ_p)
 
 The geometry, mosaic model and spectra are fixed during refinement, so ``w`` is
-computed once (:func:`channel_weights`, the heavy pixels × channels × domains
-kernel); every evaluation then reads ``w`` once (:class:`PixelModel`). This is
-exact: :func:`direct_lambda` recomputes λ from scratch for a check.
+computed once; every evaluation then reads it once (:class:`PixelModel`). The model
+keeps ``w`` as channel bands (:mod:`spread_tools.model.bands`): per pixel only the
+contiguous channels whose weight is not negligible under the cut ``band_rtol`` (a
+relative tolerance on λ; 0 keeps the exact dense result), computed directly from the
+closed-form centre and curvature of the lattice transform (never dense), so memory
+and time follow the signal, not the spectrum's length. :func:`channel_weights` gives
+the dense weights (the simulator's path); :func:`direct_lambda` recomputes λ from
+scratch for a check.
 
 Typical use (refinement)::
 
@@ -17,7 +22,8 @@ Typical use (refinement)::
     I = ...                                   # (pm.n_h, n_chan) intensities of pm.hkl at the channels
     nll, dI, dG, dbg = pm.nll_and_gradients(I, G, bg)
 
-Backends: ``"cpu"`` (Numba, threads), ``"cuda"`` (Numba CUDA), ``"auto"`` (cuda
+Backends: ``"cpu"`` (Numba, threads: :mod:`spread_tools.model.kernels.bands_cpu`),
+``"cuda"`` (Numba CUDA: :mod:`spread_tools.model.kernels.bands_cuda`), ``"auto"`` (cuda
 when ``numba.cuda.is_available()``, else cpu). Results are deterministic: the
 same inputs give bit-identical outputs on every call (no atomics; per-shoebox
 partial sums are combined in a fixed order).
@@ -370,21 +376,32 @@ class PixelModel:
         n_act = bands_cpu.count_active(self.pixel_offset, b.length, self.counts, self.mask)
         self.act_off = np.concatenate([[0], np.cumsum(n_act)]).astype(np.int64)
         n = int(self.act_off[-1])
+        heights = self.bbox[:, 3] - self.bbox[:, 2]
+        self.row_off = np.concatenate([[0], np.cumsum(heights)]).astype(np.int64)
+        self.row_full = np.zeros(int(self.row_off[-1]), np.uint8)
         self.wsum = np.zeros(int(self.span_off[-1]))
+        # fixed shoebox ranges of the CPU pass (independent of the thread count) and scratch sizes
+        self._n_chunks = max(1, min(self.n_sb, 256))
+        edges = np.concatenate([[1], self.bbox[:, 1] - self.bbox[:, 0], heights])
+        self._max_edge = int(edges.max())
+        self._max_span = int(max(1, np.diff(self.span_off).max(initial=1)))
         self.kmom = np.zeros((self.n_sb, 3))
-        self.act_pix = np.zeros(n, np.int32)
+        self.act_row = np.zeros(n, np.uint16)
+        self.act_col = np.zeros(n, np.uint16)
         self.act_woff = np.zeros(n, np.int32)
         self.act_lo = np.zeros(n, np.uint16)
         self.act_len = np.zeros(n, np.uint16)
         self.act_k = np.zeros(n, np.float32)
         if self.n_sb:
             sizes = np.diff(b.sb_offset)
-            if sizes.max(initial=0) >= 2 ** 31 or np.diff(self.pixel_offset).max(initial=0) >= 2 ** 31:
-                raise InputError("pixel model: a shoebox with more than 2^31 pixels or weights")
+            if sizes.max(initial=0) >= 2 ** 31:
+                raise InputError("pixel model: a shoebox with more than 2^31 channel weights")
+            if max(np.max(self.bbox[:, 1] - self.bbox[:, 0]), np.max(self.bbox[:, 3] - self.bbox[:, 2])) >= 2 ** 16:
+                raise InputError("pixel model: a shoebox wider or higher than 65535 pixels")
             bands_cpu.setup_shoeboxes(b.host_values(), b.lo, b.length, b.sb_offset, self.pixel_offset, self.bbox,
-                                      self.counts, self.mask, self.span_lo, self.span_off, self.act_off,
-                                      self.wsum, self.kmom, self.act_pix, self.act_woff, self.act_lo,
-                                      self.act_len, self.act_k)
+                                      self.counts, self.mask, self.span_lo, self.span_off, self.row_off,
+                                      self.act_off, self.wsum, self.kmom, self.row_full, self.act_row,
+                                      self.act_col, self.act_woff, self.act_lo, self.act_len, self.act_k)
 
     def _setup_cuda(self):
         from numba import cuda
@@ -398,7 +415,7 @@ class PixelModel:
             b.values = vals
         d["values"] = vals
         for name in ("mask", "pixel_offset", "bbox", "sb_lattice", "sb_h_index", "span_lo", "span_off", "wsum",
-                     "kmom", "act_off", "act_pix", "act_woff", "act_lo", "act_len", "act_k"):
+                     "kmom", "act_off", "act_row", "act_col", "act_woff", "act_lo", "act_len", "act_k"):
             d[name] = ck.to_device(getattr(self, name))
         d["lo"] = ck.to_device(b.lo)
         d["length"] = ck.to_device(b.length)
@@ -457,9 +474,10 @@ class PixelModel:
         comparison ``dense`` (float32 n_pix × n_chan).
         """
         b = self.bands
-        active = sum(getattr(self, n).nbytes for n in ("act_off", "act_pix", "act_woff", "act_lo", "act_len",
-                                                        "act_k"))
-        const = self.wsum.nbytes + self.kmom.nbytes + self.span_lo.nbytes + self.span_off.nbytes
+        active = sum(getattr(self, n).nbytes for n in ("act_off", "act_row", "act_col", "act_woff", "act_lo",
+                                                        "act_len", "act_k"))
+        const = (self.wsum.nbytes + self.kmom.nbytes + self.span_lo.nbytes + self.span_off.nbytes
+                 + self.row_off.nbytes + self.row_full.nbytes)
         out = {"values": b.value_bytes(), "band_index": b.index_bytes(), "active": int(active),
                "shoebox_constants": int(const)}
         out["total"] = int(sum(out.values()))
@@ -476,8 +494,12 @@ class PixelModel:
         """
         n_act = int(self.act_off[-1])
         vals = 4 * int(self.act_len.sum(dtype=np.int64))
-        out = {"values": vals, "active": n_act * (4 + 4 + 2 + 2 + 4), "mask": self.n_pix,
-               "shoebox": int(self.wsum.nbytes + self.kmom.nbytes + self.n_sb * (8 * 4 + 8 * 3 + 8 * 4 + 8 * 3))}
+        partial = np.flatnonzero(self.row_full == 0)
+        n_mask = int(np.sum(np.diff(self.row_off)[np.searchsorted(self.row_off, partial, side="right") - 1]))
+        out = {"values": vals, "active": n_act * (2 + 2 + 4 + 2 + 2 + 4),
+               "mask": n_mask if self.backend == "cpu" else self.n_pix,
+               "shoebox": int(self.wsum.nbytes + self.kmom.nbytes + self.row_full.nbytes
+                              + self.n_sb * (8 * 4 + 8 * 3 + 8 * 4 + 8 * 3 + 8 * 2))}
         out["total"] = int(sum(out.values()))
         return out
 
@@ -505,9 +527,10 @@ class PixelModel:
         dI_span = np.empty(int(self.span_off[-1]) if want_grad else 0)
         b = self.bands
         bands_cpu.model_pass(b.values, b.sb_offset, self.mask, self.pixel_offset, self.bbox, self.sb_lattice,
-                             self.sb_h_index, self.span_lo, self.span_off, self.wsum, self.kmom, self.act_off,
-                             self.act_pix, self.act_woff, self.act_lo, self.act_len, self.act_k, I, G, bg,
-                             want_grad, nll_sb, dG_sb, dbg, dI_span)
+                             self.sb_h_index, self.span_lo, self.span_off, self.wsum, self.kmom, self.row_off,
+                             self.row_full, self.act_off, self.act_row, self.act_col, self.act_woff, self.act_lo, self.act_len,
+                             self.act_k, I, G, bg, want_grad, self._n_chunks, self._max_edge, self._max_span,
+                             nll_sb, dG_sb, dbg, dI_span)
         nll, dG, dI = bands_cpu.reduce_spans(nll_sb, dG_sb, dI_span, self.sb_lattice, self.sb_h_index,
                                              self.span_lo, self.span_off, self.n_lat, self.n_h, self.n_chan,
                                              want_grad)
@@ -526,7 +549,7 @@ class PixelModel:
         bg_d = cuda.to_device(bg)
         ck.model_pass[self.n_sb, ck.TPB](
             d["values"], d["sb_offset"], d["mask"], d["pixel_offset"], d["bbox"], d["sb_lattice"], d["sb_h_index"],
-            d["span_lo"], d["span_off"], d["wsum"], d["kmom"], d["act_off"], d["act_pix"], d["act_woff"],
+            d["span_lo"], d["span_off"], d["wsum"], d["kmom"], d["act_off"], d["act_row"], d["act_col"], d["act_woff"],
             d["act_lo"], d["act_len"], d["act_k"], I_d, G_d, bg_d, want_grad, d["nll_sb"], d["dG_sb"], d["dbg_sb"],
             d["dI_span"])
         ck.sum_fixed_order[1, ck.TPB](d["nll_sb"], d["nll"])

@@ -56,7 +56,8 @@ so the global block is the information *after* the scales and backgrounds
 have been fitted), the restraints' Hessian (exact: they are quadratic) is
 added, and the covariance is its inverse. The same computation gives the
 preconditioner of every macrocycle; it runs in channel space (per-shoebox
-Σ w wᵀ/λ, Numba) for up to 48 channels, per pixel (∂λ/∂u) above. The edge of each site is the
+Σ w wᵀ/λ over the shoebox's span of channel bands, Numba), whatever the number of
+channels. The edge of each site is the
 energy where f″ first crosses half its step ((f″(first) + f″(last))/2, linear
 interpolation between grid points) with its uncertainty propagated from the
 covariance of that site's f″.

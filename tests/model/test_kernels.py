@@ -172,7 +172,7 @@ def test_cuda_kernels_type_and_lower_for_sm90(monkeypatch):
                                                    pm.bbox, pm.sb_lattice, pm.sb_h_index, I, G, bg, f1))),
         (bk.model_pass, tuple(ty(a) for a in (b.values, b.sb_offset, pm.mask, pm.pixel_offset, pm.bbox,
                                               pm.sb_lattice, pm.sb_h_index, pm.span_lo, pm.span_off, pm.wsum,
-                                              pm.kmom, pm.act_off, pm.act_pix, pm.act_woff, pm.act_lo,
+                                              pm.kmom, pm.act_off, pm.act_row, pm.act_col, pm.act_woff, pm.act_lo,
                                               pm.act_len, pm.act_k, I, G, bg)) + (numba.boolean,)
          + (ty(f1), ty(f2), ty(f2), ty(f1))),
         (bk.reduce_spans_by_h, (ty(i1), ty(i1), ty(i1), ty(i1), ty(f1), ty(f2))),

@@ -198,7 +198,7 @@ def _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf):
 @numba.njit(cache=True)
 def _trim(buf, ca, cb, budget):
     """Smallest band lo:hi inside ca:cb obtained by dropping the smaller end value while
-    the dropped sum stays ≤ budget (exact zeros are always dropped)."""
+    the dropped sum stays ≤ budget (exact zeros are always dropped); an empty band is (0, 0)."""
     lo = ca
     hi = cb
     left = budget
@@ -217,6 +217,8 @@ def _trim(buf, ca, cb, budget):
                 hi -= 1
             else:
                 break
+    if lo == hi:
+        return 0, 0                 # an empty band starts at channel 0
     return lo, hi
 
 
@@ -402,16 +404,19 @@ def shoebox_sizes(pix_off, lo, length):
 
 
 @numba.njit(parallel=True, cache=True)
-def setup_shoeboxes(values, lo, length, sb_offset, pix_off, bbox, counts, mask, span_lo, span_off,
-                    act_off, wsum, kmom, act_pix, act_woff, act_lo, act_len, act_k):
+def setup_shoeboxes(values, lo, length, sb_offset, pix_off, bbox, counts, mask, span_lo, span_off, row_off,
+                    act_off, wsum, kmom, row_full, act_row, act_col, act_woff, act_lo, act_len, act_k):
     """Constants of the fixed data for :func:`model_pass`.
 
     ``wsum[span_off[k] + c − span_lo[k]]`` = Σ_unmasked w[p, c]; ``kmom[k]`` = Σ_unmasked k (1, x̂, ŷ);
-    the active pixels of shoebox k (unmasked, k ≠ 0, non-empty band) at ``act_off[k]:act_off[k+1]``:
-    local pixel index, local value offset, band, count.
+    ``row_full[row_off[k] + r]`` = 1 when row r of shoebox k has no masked pixel; the active
+    pixels of shoebox k (unmasked, k ≠ 0, non-empty band) at ``act_off[k]:act_off[k+1]``:
+    row and column in the shoebox, local value offset, band, count, ordered by band length (a stable
+    sort: loops of equal length follow each other, which the branch predictor likes).
     """
     for k in numba.prange(len(pix_off) - 1):
         width = bbox[k, 1] - bbox[k, 0]
+        height = bbox[k, 3] - bbox[k, 2]
         xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
         yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
         o = 0
@@ -419,14 +424,16 @@ def setup_shoeboxes(values, lo, length, sb_offset, pix_off, bbox, counts, mask, 
         so = span_off[k] - span_lo[k]
         for c in range(span_off[k], span_off[k + 1]):
             wsum[c] = 0.0
+        for r in range(height):
+            row_full[row_off[k] + r] = 1
         k0 = 0.0
         k1 = 0.0
         k2 = 0.0
         p0 = pix_off[k]
         for p in range(p0, pix_off[k + 1]):
             n = np.int64(length[p])
+            loc = p - p0
             if mask[p]:
-                loc = p - p0
                 kk = np.float64(counts[p])
                 xh = (bbox[k, 0] + loc % width) + 0.5 - xc
                 yh = (bbox[k, 2] + loc // width) + 0.5 - yc
@@ -437,16 +444,43 @@ def setup_shoeboxes(values, lo, length, sb_offset, pix_off, bbox, counts, mask, 
                 for q in range(n):
                     wsum[so + lo[p] + q] += np.float64(values[base + q])
                 if kk != 0.0 and n > 0:
-                    act_pix[i] = loc
+                    act_row[i] = loc // width
+                    act_col[i] = loc % width
                     act_woff[i] = o
                     act_lo[i] = lo[p]
                     act_len[i] = length[p]
                     act_k[i] = counts[p]
                     i += 1
+            else:
+                row_full[row_off[k] + loc // width] = 0
             o += n
         kmom[k, 0] = k0
         kmom[k, 1] = k1
         kmom[k, 2] = k2
+        # stable insertion sort of the shoebox's active pixels by band length
+        a = act_off[k]
+        for m in range(a + 1, act_off[k + 1]):
+            key = act_len[m]
+            ar = act_row[m]
+            ac = act_col[m]
+            wof = act_woff[m]
+            l0 = act_lo[m]
+            kc = act_k[m]
+            q = m - 1
+            while q >= a and act_len[q] > key:
+                act_len[q + 1] = act_len[q]
+                act_row[q + 1] = act_row[q]
+                act_col[q + 1] = act_col[q]
+                act_woff[q + 1] = act_woff[q]
+                act_lo[q + 1] = act_lo[q]
+                act_k[q + 1] = act_k[q]
+                q -= 1
+            act_len[q + 1] = key
+            act_row[q + 1] = ar
+            act_col[q + 1] = ac
+            act_woff[q + 1] = wof
+            act_lo[q + 1] = l0
+            act_k[q + 1] = kc
 
 
 @numba.njit(cache=True)
@@ -463,102 +497,137 @@ def count_active(pix_off, length, counts, mask):
     return out
 
 
+#: Below this G S / bg the logarithm and the reciprocal are short series (error < 1e-20 relative).
+_T_SERIES = 1e-4
+
+
+@numba.njit(cache=True)
+def _geometric(out, n, start, lead, step):
+    """out[i] = exp(lead + step·(start + i)) for i < n, by one exp and a running product
+    (drift below 1e-15 relative for a shoebox edge of a few hundred pixels)."""
+    f = math.exp(step)
+    v = math.exp(lead + step * start)
+    for i in range(n):
+        out[i] = v
+        v *= f
+
+
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
-def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, span_off, wsum, kmom,
-               act_off, act_pix, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
-               nll_sb, dG_sb, dbg_sb, dI_span):
-    """NLL and gradients per shoebox (module docstring); ``dI_span`` over each shoebox's channel span."""
+def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, span_off, wsum, kmom, row_off,
+               row_full, act_off, act_row, act_col, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
+               n_chunks, max_edge, max_span, nll_sb, dG_sb, dbg_sb, dI_span):
+    """NLL and gradients per shoebox (module docstring); ``dI_span`` over each shoebox's channel span.
+
+    Shoeboxes are processed in ``n_chunks`` fixed ranges (scratch arrays of ``max_edge`` and
+    ``max_span`` entries allocated once per range); every shoebox writes only its own results.
+    """
     n_sb = len(sb_lat)
-    for k in numba.prange(n_sb):
-        j = sb_lat[k]
-        h = sb_h[k]
-        g = G[j]
-        b0 = bg[k, 0]
-        b1 = bg[k, 1]
-        b2 = bg[k, 2]
-        x0 = bbox[k, 0]
-        width = bbox[k, 1] - bbox[k, 0]
-        y0 = bbox[k, 2]
-        height = bbox[k, 3] - bbox[k, 2]
-        xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
-        yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
-        ex = np.empty(width)
-        ey = np.empty(height)
-        for col in range(width):
-            ex[col] = math.exp(b1 * ((x0 + col) + 0.5 - xc))
-        # Σ_unmasked bg·(1, x̂, ŷ), separable per row
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        p = pix_off[k]
-        for row in range(height):
-            yh = (y0 + row) + 0.5 - yc
-            ey[row] = math.exp(b0 + b2 * yh)
-            r0 = 0.0
-            r1 = 0.0
+    per = (n_sb + n_chunks - 1) // n_chunks
+    for chunk in numba.prange(n_chunks):
+        ex = np.empty(max_edge)
+        iex = np.empty(max_edge)
+        ey = np.empty(max_edge)
+        iey = np.empty(max_edge)
+        acc = np.empty(max_span)
+        for k in range(chunk * per, min(n_sb, (chunk + 1) * per)):
+            j = sb_lat[k]
+            h = sb_h[k]
+            g = G[j]
+            b0 = bg[k, 0]
+            b1 = bg[k, 1]
+            b2 = bg[k, 2]
+            x0 = bbox[k, 0]
+            width = bbox[k, 1] - bbox[k, 0]
+            y0 = bbox[k, 2]
+            height = bbox[k, 3] - bbox[k, 2]
+            xs = 0.5 - 0.5 * width           # x̂ of the first column (pixel centre − shoebox centre)
+            ys = 0.5 - 0.5 * height
+            _geometric(ex, width, xs, 0.0, b1)
+            _geometric(iex, width, xs, 0.0, -b1)
+            _geometric(ey, height, ys, b0, b2)
+            _geometric(iey, height, ys, -b0, -b2)
+            f0 = 0.0
+            f1 = 0.0
             for col in range(width):
-                m = 1.0 if mask[p + col] else 0.0
-                e = m * ex[col]
-                r0 += e
-                r1 += e * ((x0 + col) + 0.5 - xc)
-            s0 += ey[row] * r0
-            s1 += ey[row] * r1
-            s2 += ey[row] * yh * r0
-            p += width
-        # Σ_unmasked S = Σ_c Wsum_c I_c
-        c0 = span_lo[k]
-        nspan = span_off[k + 1] - span_off[k]
-        wo = span_off[k]
-        ssum = 0.0
-        for c in range(nspan):
-            ssum += wsum[wo + c] * I[h, c0 + c]
-        nll = s0 + g * ssum - (b0 * kmom[k, 0] + b1 * kmom[k, 1] + b2 * kmom[k, 2])
-        acc = np.zeros(nspan)
-        gq = 0.0
-        q0 = 0.0
-        q1 = 0.0
-        q2 = 0.0
-        base = sb_offset[k]
-        for i in range(act_off[k], act_off[k + 1]):
-            loc = act_pix[i]
-            row = loc // width
-            col = loc - row * width
-            o = base + act_woff[i]
-            l0 = np.int64(act_lo[i])
-            n = np.int64(act_len[i])
-            s = 0.0
-            for q in range(n):
-                s += np.float64(values[o + q]) * I[h, l0 + q]
-            kk = np.float64(act_k[i])
-            xh = (x0 + col) + 0.5 - xc
-            yh = (y0 + row) + 0.5 - yc
-            bgp = ey[row] * ex[col]
-            gs = g * s
-            lam = gs + bgp
-            inv = 1.0 / lam
-            if bgp > 0.0 and gs < 1e300 * bgp:
-                lg = math.log1p(gs / bgp)
-            else:
-                lg = math.log(lam) - (b0 + b1 * xh + b2 * yh)
-            nll -= kk * lg
-            if want_grad:
-                kq = kk * gs * inv
-                gq += kk * s * inv
-                q0 += kq
-                q1 += kq * xh
-                q2 += kq * yh
-                ki = kk * inv
-                so = l0 - c0
-                for q in range(n):
-                    acc[so + q] += ki * np.float64(values[o + q])
-        nll_sb[k] = nll
-        if want_grad:
-            dG_sb[k] = ssum - gq
-            dbg_sb[k, 0] = s0 - kmom[k, 0] + q0
-            dbg_sb[k, 1] = s1 - kmom[k, 1] + q1
-            dbg_sb[k, 2] = s2 - kmom[k, 2] + q2
+                f0 += ex[col]
+                f1 += ex[col] * (xs + col)
+            # Σ_unmasked bg·(1, x̂, ŷ), separable per row; rows without masked pixels use the full sums
+            s0 = 0.0
+            s1 = 0.0
+            s2 = 0.0
+            p = pix_off[k]
+            for row in range(height):
+                if row_full[row_off[k] + row]:
+                    r0 = f0
+                    r1 = f1
+                else:
+                    r0 = 0.0
+                    r1 = 0.0
+                    for col in range(width):
+                        if mask[p + col]:
+                            r0 += ex[col]
+                            r1 += ex[col] * (xs + col)
+                s0 += ey[row] * r0
+                s1 += ey[row] * r1
+                s2 += ey[row] * (ys + row) * r0
+                p += width
+            # Σ_unmasked S = Σ_c Wsum_c I_c
+            c0 = span_lo[k]
+            nspan = span_off[k + 1] - span_off[k]
+            wo = span_off[k]
+            ssum = 0.0
             for c in range(nspan):
-                dI_span[wo + c] = g * (wsum[wo + c] - acc[c])
+                ssum += wsum[wo + c] * I[h, c0 + c]
+                acc[c] = 0.0
+            nll = s0 + g * ssum - (b0 * kmom[k, 0] + b1 * kmom[k, 1] + b2 * kmom[k, 2])
+            gq = 0.0
+            q0 = 0.0
+            q1 = 0.0
+            q2 = 0.0
+            base = sb_offset[k]
+            Ih = I[h]
+            for i in range(act_off[k], act_off[k + 1]):
+                row = np.int64(act_row[i])
+                col = np.int64(act_col[i])
+                o = base + act_woff[i]
+                l0 = np.int64(act_lo[i])
+                n = np.int64(act_len[i])
+                s = 0.0
+                for q in range(n):
+                    s += np.float64(values[o + q]) * Ih[l0 + q]
+                kk = np.float64(act_k[i])
+                gs = g * s
+                ibg = iey[row] * iex[col]
+                t = gs * ibg
+                if t < _T_SERIES:
+                    lg = t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2))))
+                    inv = ibg * (1.0 - t * (1.0 - t * (1.0 - t * (1.0 - t))))      # 1/λ = (1/bg)/(1 + t)
+                else:
+                    lam = gs + ey[row] * ex[col]
+                    inv = 1.0 / lam
+                    if t < 1e300:
+                        lg = math.log(1.0 + t)
+                    else:                                              # the background underflowed
+                        lg = math.log(lam) - (b0 + b1 * (xs + col) + b2 * (ys + row))
+                nll -= kk * lg
+                if want_grad:
+                    ki = kk * inv
+                    kq = ki * gs
+                    gq += ki * s
+                    q0 += kq
+                    q1 += kq * (xs + col)
+                    q2 += kq * (ys + row)
+                    a0 = l0 - c0
+                    for q in range(n):
+                        acc[a0 + q] += ki * np.float64(values[o + q])
+            nll_sb[k] = nll
+            if want_grad:
+                dG_sb[k] = ssum - gq
+                dbg_sb[k, 0] = s0 - kmom[k, 0] + q0
+                dbg_sb[k, 1] = s1 - kmom[k, 1] + q1
+                dbg_sb[k, 2] = s2 - kmom[k, 2] + q2
+                for c in range(nspan):
+                    dI_span[wo + c] = g * (wsum[wo + c] - acc[c])
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)

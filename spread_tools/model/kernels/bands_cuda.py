@@ -24,8 +24,7 @@ from numba import cuda, float32, float64, int64
 from spread_tools.model.kernels import GAUSS_SHAPE_CONST, R_E2_A2
 from spread_tools.model.kernels.cuda import TPB, blocks_for, reduce_by_csr, sum_fixed_order, to_device
 
-__all__ = ["TPB", "band_lengths", "band_values", "model_pass", "expected_counts", "reduce_spans_by_h",
-           "reduce_by_csr", "sum_fixed_order", "blocks_for", "to_device", "build_bands"]
+__all__ = ["band_lengths", "band_values", "model_pass", "expected_counts", "reduce_spans_by_h", "build_bands"]
 
 _TWO_OVER_C = 2.0 / GAUSS_SHAPE_CONST
 _F32_ZERO = 5e-46
@@ -271,6 +270,9 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
                                                         bbox, pix_off, h0, inv_lam)
                 else:
                     break
+        if a == b:
+            a = 0
+            b = 0
         lo[p] = a
         length[p] = b - a
         p += TPB
@@ -355,7 +357,7 @@ def expected_counts(values, lo, length, sb_offset, pix_off, bbox, sb_lat, sb_h, 
 
 @cuda.jit
 def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, span_off, wsum, kmom,
-               act_off, act_pix, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
+               act_off, act_row, act_col, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
                nll_sb, dG_sb, dbg_sb, dI_span):
     """NLL and gradients per shoebox (the algebra of :func:`bands_cpu.model_pass`)."""
     k = cuda.blockIdx.x
@@ -413,9 +415,8 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
         i = start + t
         n_here = min(TPB, act_off[k + 1] - start)
         if t < n_here:
-            loc = act_pix[i]
-            row = loc // width
-            col = loc - row * width
+            row = int64(act_row[i])
+            col = int64(act_col[i])
             o = base + act_woff[i]
             l0 = int64(act_lo[i])
             n = int64(act_len[i])
