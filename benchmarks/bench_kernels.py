@@ -85,14 +85,15 @@ def bench_channel_weights(backend, n_sb, box, n_chan, n_domains, info, repeat):
     evals = ds.n_pixels * n_chan * n_domains
     emit("channel_weights", info, evaluations_per_s=evals / t, time_s=t, n_pix=ds.n_pixels, n_chan=n_chan,
          n_domains=n_domains, oversample=1, nonzero_fraction=float(np.mean(w > 0)))
-    from spread_tools.model.bands import DEFAULT_RTOL, build_bands
+    from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL, build_bands
     from spread_tools.model.pixel import kernel_inputs
-    build_bands(kernel_inputs(make(min(2, n_sb))), 2 * n_pix_sb, n_chan, 1, DEFAULT_RTOL, backend=backend)
+    build_bands(kernel_inputs(make(min(2, n_sb))), 2 * n_pix_sb, n_chan, 1, DEFAULT_RTOL, backend=backend,
+                floor=DEFAULT_FLOOR)
     kin = kernel_inputs(ds)
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        bands = build_bands(kin, ds.n_pixels, n_chan, 1, DEFAULT_RTOL, backend=backend)
+        bands = build_bands(kin, ds.n_pixels, n_chan, 1, DEFAULT_RTOL, backend=backend, floor=DEFAULT_FLOOR)
         times.append(time.perf_counter() - t0)
     tb = min(times)
     extra = {}
@@ -104,6 +105,7 @@ def bench_channel_weights(backend, n_sb, box, n_chan, n_domains, info, repeat):
         extra["max_dropped_over_total"] = float(np.max(np.where(tot > 0, dropped / np.where(tot > 0, tot, 1), 0)))
         extra["channels_evaluated_per_pixel"] = bands.stats["channels_evaluated"] / ds.n_pixels
     emit("channel_bands", info, time_s=tb, dense_time_s=t, speedup_over_dense=t / tb, band_rtol=DEFAULT_RTOL,
+         band_floor=DEFAULT_FLOOR,
          n_pix=ds.n_pixels, n_chan=n_chan, n_domains=n_domains, mean_band_channels=float(bands.length.mean()),
          stored_bytes=bands.value_bytes() + bands.index_bytes(), dense_bytes=bands.dense_bytes(), **extra)
 

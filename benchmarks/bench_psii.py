@@ -20,7 +20,7 @@ Figures:
 * ``psii_s1_per_mpix``: the slope of peak memory against pixels between the
   smallest and the largest run (MB per million pixels) and the fixed part.
 
-Run: ``python benchmarks/bench_psii.py [--copies 29] [--lattices 2 8]``.
+Run: ``python benchmarks/bench_psii.py [--copies 29] [--lattices 1 4]``.
 """
 
 import argparse
@@ -84,12 +84,12 @@ def _peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _cache_child(copies, path, out):
+def _cache_child(copies, d_min, path, out):
     from spread_tools.structure.build import build_sf_cache
     st = psii_like_structure(copies)
     timings = {}
     t0 = time.perf_counter()
-    cache = build_sf_cache(st, SITES, 2.5, 4.0, ENERGY, route="auto", timings=timings)
+    cache = build_sf_cache(st, SITES, d_min, 4.0, ENERGY, route="auto", timings=timings)
     wall = time.perf_counter() - t0
     cache.write(path, overwrite=True)
     mem = sum(getattr(cache, k).nbytes for k in ("hkl", "F_base", "S_el", "S_site", "f0_site")
@@ -163,14 +163,15 @@ def main(argv=None):
     """Run the benchmark and print its figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--copies", type=int, default=29, help="6lk1 copies in the asymmetric unit")
-    ap.add_argument("--lattices", type=int, nargs="+", default=[2, 8], help="lattices of the S1 runs")
+    ap.add_argument("--lattices", type=int, nargs="+", default=[1, 4], help="lattices of the S1 runs")
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--d-min", type=float, default=2.5, help="high-resolution limit (Å; 2.5 for the figures)")
     args = ap.parse_args(argv)
-    problem = {"cell": list(CELL), "spacegroup": SPACEGROUP, "d_min_a": 2.5, "d_max_a": 4.0,
+    problem = {"cell": list(CELL), "spacegroup": SPACEGROUP, "d_min_a": args.d_min, "d_max_a": 4.0,
                "sites": SITES, "copies": args.copies}
     with tempfile.TemporaryDirectory() as tmp:
         cache_path = Path(tmp) / "psii_sf_cache.h5"
-        c = _run(_cache_child, args.copies, str(cache_path))
+        c = _run(_cache_child, args.copies, args.d_min, str(cache_path))
         emit("psii_cache_sf", problem=problem, **c)
         runs = []
         for n_lat in args.lattices:

@@ -19,8 +19,23 @@ Bragg part of λ_p = G Σ_c w[p, c] I(h, E_c) + bg_p then changes by at most
 (the ratio over the pixel's channels is ~1 for a refinement across an edge: only the
 sites' anomalous terms change with energy). The default
 :data:`DEFAULT_RTOL` = 1e-7 keeps |Δλ|/λ below 1e-6 unless I varies more than
-tenfold across a pixel's band. ``rtol = 0`` drops exact zeros only: every stored
-value is the dense float32 weight bit for bit, and λ is the dense result.
+tenfold across a pixel's band.
+
+The floor (``floor``)
+---------------------
+Most pixels of a shoebox lie in the far tails of its spot: their whole weight is many
+orders of magnitude below the spot's, yet the per-pixel cut keeps a channel or two for
+each. A pixel whose weight Σ_c w[p, c] is below ``floor`` × that of the brightest pixel
+of its shoebox keeps no band. Its λ then changes by at most ``floor`` × the brightest
+pixel's Bragg part (× max I / min I), so with the default :data:`DEFAULT_FLOOR` = 1e-9
+|Δλ|/λ < 1e-6 wherever the spot's brightest Bragg part is below 1000 × the background of
+the pixel; whatever the spot, such a pixel carries less than floor² × (1 + peak/background)
+of the Fisher information on any parameter that the spot does, so it cannot move a
+refined value by a visible fraction of σ (``benchmarks/bench_s1.py --compare-exact``
+measures it). ``floor = 0`` switches it off.
+
+``rtol = 0`` with ``floor = 0`` drops exact zeros only: every stored value is the dense
+float32 weight bit for bit, and λ is the dense result.
 
 Layout
 ------
@@ -37,10 +52,13 @@ import numpy as np
 
 from spread_tools.errors import InputError
 
-__all__ = ["DEFAULT_RTOL", "ChannelBands", "check_rtol", "bands_from_dense", "build_bands"]
+__all__ = ["DEFAULT_RTOL", "DEFAULT_FLOOR", "ChannelBands", "check_rtol", "check_floor", "bands_from_dense",
+           "build_bands"]
 
 #: Default cut: |Δλ|/λ ≤ 1e-7 · max I / min I over a pixel's channels.
 DEFAULT_RTOL = 1e-7
+#: Default floor: no band for a pixel below 1e-9 of its shoebox's brightest pixel.
+DEFAULT_FLOOR = 1e-9
 #: Most channels a band index (uint16) can address.
 MAX_CHANNELS = 65535
 
@@ -53,6 +71,17 @@ def check_rtol(rtol, name="band_rtol"):
         raise InputError(f"{name}: '{rtol}' is not a number") from None
     if not (0.0 <= r <= 0.1):
         raise InputError(f"{name}: {rtol} must be between 0 (exact dense result) and 0.1")
+    return r
+
+
+def check_floor(floor, name="band_floor"):
+    """The floor as a float in [0, 1e-3]; InputError naming ``name`` otherwise."""
+    try:
+        r = float(floor)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: '{floor}' is not a number") from None
+    if not (0.0 <= r <= 1e-3):
+        raise InputError(f"{name}: {floor} must be between 0 (no floor) and 1e-3")
     return r
 
 
@@ -72,6 +101,10 @@ class ChannelBands:
         The weights inside the bands (host array, or a CUDA device array).
     rtol : float
         The cut they were made with.
+    floor : float
+        The floor they were made with.
+    stats : dict
+        Build diagnostics.
     """
 
     n_chan: int
@@ -80,6 +113,8 @@ class ChannelBands:
     sb_offset: np.ndarray
     values: object
     rtol: float
+    #: The floor they were made with (0: none).
+    floor: float = 0.0
     #: Build diagnostics (channels evaluated, pixels evaluated over every channel).
     stats: dict = dataclasses.field(default_factory=dict)
 
@@ -126,8 +161,8 @@ def _sb_offsets(pixel_offset, lo, length):
     return np.concatenate([[0], np.cumsum(n_val)]).astype(np.int64)
 
 
-def bands_from_dense(w, pixel_offset, rtol=DEFAULT_RTOL):
-    """Bands of dense weights (no screen: only the cut).
+def bands_from_dense(w, pixel_offset, rtol=DEFAULT_RTOL, floor=0.0):
+    """Bands of dense weights (no screen: only the cut and the floor).
 
     Parameters
     ----------
@@ -135,6 +170,8 @@ def bands_from_dense(w, pixel_offset, rtol=DEFAULT_RTOL):
     pixel_offset : int (n_sb+1,)
     rtol : float
         The cut (module docstring).
+    floor : float
+        The floor (module docstring).
 
     Returns
     -------
@@ -142,6 +179,7 @@ def bands_from_dense(w, pixel_offset, rtol=DEFAULT_RTOL):
     """
     from spread_tools.model.kernels import bands_cpu
     rtol = check_rtol(rtol)
+    floor = check_floor(floor)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise InputError(f"pixel model: w must be 2-D (n_pix, n_chan), got shape {w.shape}")
@@ -151,17 +189,19 @@ def bands_from_dense(w, pixel_offset, rtol=DEFAULT_RTOL):
     off = np.ascontiguousarray(pixel_offset, dtype=np.int64)
     lo = np.zeros(n_pix, np.uint16)
     length = np.zeros(n_pix, np.uint16)
+    total = np.zeros(n_pix)
     if n_pix:
-        bands_cpu.bands_from_dense(w, off, rtol, lo, length)
+        bands_cpu.bands_from_dense(w, off, rtol, lo, length, total)
+        if floor > 0:
+            bands_cpu.apply_floor(off, total, floor, lo, length)
     sb_off = _sb_offsets(off, lo, length)
     values = np.empty(int(sb_off[-1]), np.float32)
     if n_pix:
         bands_cpu.pack_dense(w, off, lo, length, sb_off, values)
-    out = ChannelBands(n_chan, lo, length, sb_off, values, rtol)
-    return ChannelBands(n_chan, lo, length, sb_off, values, rtol)
+    return ChannelBands(n_chan, lo, length, sb_off, values, rtol, floor)
 
 
-def build_bands(kin, n_pix, n_chan, oversample=1, rtol=DEFAULT_RTOL, backend="cpu"):
+def build_bands(kin, n_pix, n_chan, oversample=1, rtol=DEFAULT_RTOL, backend="cpu", floor=0.0):
     """Bands of a dataset's channel weights, computed directly (never dense).
 
     Parameters
@@ -174,6 +214,8 @@ def build_bands(kin, n_pix, n_chan, oversample=1, rtol=DEFAULT_RTOL, backend="cp
         The cut (module docstring).
     backend : {"cpu", "cuda"}
         ``"cuda"`` leaves ``values`` on the GPU.
+    floor : float
+        The floor (module docstring).
 
     Returns
     -------
@@ -181,24 +223,30 @@ def build_bands(kin, n_pix, n_chan, oversample=1, rtol=DEFAULT_RTOL, backend="cp
     """
     from spread_tools.model.pixel import _CW_ORDER
     rtol = check_rtol(rtol)
+    floor = check_floor(floor)
     if n_chan > MAX_CHANNELS:
         raise InputError(f"pixel model: {n_chan} channels, at most {MAX_CHANNELS}")
     off = kin["pix_off"]
     lo = np.zeros(n_pix, np.uint16)
     length = np.zeros(n_pix, np.uint16)
     evaluated = np.zeros(n_pix, np.uint16)
+    total = np.zeros(n_pix)
+    n_floor = 0
     n_sb = len(kin["sb_lat"])
     if backend == "cuda":
         from spread_tools.model.kernels import bands_cuda
-        return bands_cuda.build_bands(kin, n_pix, n_chan, oversample, rtol)
+        return bands_cuda.build_bands(kin, n_pix, n_chan, oversample, rtol, floor)
     from spread_tools.model.kernels import bands_cpu
     args = [kin[name] for name in _CW_ORDER]
     if n_sb and n_pix:
-        bands_cpu.band_lengths(*args, oversample, rtol, lo, length, evaluated)
+        bands_cpu.band_lengths(*args, oversample, rtol, lo, length, evaluated, total)
+        if floor > 0:
+            n_floor = int(bands_cpu.apply_floor(off, total, floor, lo, length))
+    del total
     sb_off = _sb_offsets(off, lo, length)
     values = np.empty(int(sb_off[-1]), np.float32)
     if n_sb and n_pix:
         bands_cpu.band_values(*args, oversample, lo, length, sb_off, values)
     stats = {"channels_evaluated": int(evaluated.sum(dtype=np.int64)),
-             "pixels_all_channels": int(np.sum(evaluated == n_chan))}
-    return ChannelBands(n_chan, lo, length, sb_off, values, rtol, stats)
+             "pixels_all_channels": int(np.sum(evaluated == n_chan)), "pixels_floored": n_floor}
+    return ChannelBands(n_chan, lo, length, sb_off, values, rtol, floor, stats)

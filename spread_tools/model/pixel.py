@@ -269,8 +269,9 @@ class PixelModel:
     n_lattices : int, optional
         Number of lattices (default ``max(sb_lattice) + 1``).
     backend : {"auto", "cpu", "cuda"}
-    band_rtol : float
-        The cut applied to dense ``w`` (default :data:`spread_tools.model.bands.DEFAULT_RTOL`).
+    band_rtol, band_floor : float
+        The cut and the floor applied to dense ``w`` (defaults
+        :data:`spread_tools.model.bands.DEFAULT_RTOL`, :data:`~spread_tools.model.bands.DEFAULT_FLOOR`).
 
     Attributes
     ----------
@@ -283,8 +284,14 @@ class PixelModel:
     """
 
     def __init__(self, w, pixel_offset, bbox, sb_lattice, sb_h_index, hkl, counts, mask, n_lattices=None,
-                 backend="auto", band_rtol=None):
-        from spread_tools.model.bands import DEFAULT_RTOL, MAX_CHANNELS, ChannelBands, bands_from_dense
+                 backend="auto", band_rtol=None, band_floor=None):
+        from spread_tools.model.bands import (
+            DEFAULT_FLOOR,
+            DEFAULT_RTOL,
+            MAX_CHANNELS,
+            ChannelBands,
+            bands_from_dense,
+        )
         self.backend = resolve_backend(backend)
         self.pixel_offset = np.ascontiguousarray(pixel_offset, dtype=np.int64)
         self.bbox = np.ascontiguousarray(np.asarray(bbox).reshape(-1, 4), dtype=np.int64)
@@ -317,7 +324,8 @@ class PixelModel:
             w = np.asarray(w)
             if w.ndim != 2 or w.shape[0] != self.n_pix:
                 raise InputError(f"pixel model: w has shape {w.shape}, expected ({self.n_pix}, n_chan)")
-            bands = bands_from_dense(w, self.pixel_offset, DEFAULT_RTOL if band_rtol is None else band_rtol)
+            bands = bands_from_dense(w, self.pixel_offset, DEFAULT_RTOL if band_rtol is None else band_rtol,
+                                     DEFAULT_FLOOR if band_floor is None else band_floor)
         if bands.n_pix != self.n_pix or len(bands.sb_offset) != self.n_sb + 1:
             raise InputError("pixel model: channel bands do not match the pixels")
         if bands.n_chan > MAX_CHANNELS:
@@ -331,7 +339,7 @@ class PixelModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None, band_rtol=None):
+    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None):
         """Compute the channel bands of a dataset (never dense) and build its pixel model.
 
         Parameters
@@ -346,13 +354,16 @@ class PixelModel:
             the distinct Miller indices of the shoeboxes (:func:`unique_hkl`).
         band_rtol : float, optional
             The cut, a relative tolerance on λ (:mod:`spread_tools.model.bands`; default
-            :data:`~spread_tools.model.bands.DEFAULT_RTOL`, 0: the exact dense result).
+            :data:`~spread_tools.model.bands.DEFAULT_RTOL`).
+        band_floor : float, optional
+            The floor relative to the shoebox's brightest pixel (default
+            :data:`~spread_tools.model.bands.DEFAULT_FLOOR`); both 0: the exact dense result.
 
         Returns
         -------
         PixelModel
         """
-        from spread_tools.model.bands import DEFAULT_RTOL, build_bands
+        from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL, build_bands
         backend = resolve_backend(backend)
         oversample = _check_oversample(oversample)
         if hkl is None:
@@ -361,8 +372,9 @@ class PixelModel:
             hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
             sb_h = index_of_hkl(hkl, ds.sb_miller_index, where=f"{ds.path}: shoeboxes/miller_index")
         rtol = DEFAULT_RTOL if band_rtol is None else band_rtol
+        floor = DEFAULT_FLOOR if band_floor is None else band_floor
         bands = build_bands(kernel_inputs(ds), int(ds.n_pixels), int(ds.n_channels), oversample, rtol,
-                            backend=backend)
+                            backend=backend, floor=floor)
         return cls(bands, ds.pixel_offset, ds.sb_bbox, ds.sb_lattice, sb_h, hkl, ds.counts, ds.mask,
                    n_lattices=ds.n_lattices, backend=backend)
 
@@ -449,6 +461,11 @@ class PixelModel:
     def band_rtol(self):
         """The cut of the bands (relative tolerance on λ)."""
         return self.bands.rtol
+
+    @property
+    def band_floor(self):
+        """The floor of the bands (relative to the shoebox's brightest pixel)."""
+        return self.bands.floor
 
     @property
     def pixel_shoebox(self):
@@ -641,9 +658,10 @@ class PixelModel:
         return self.expected_counts(I, np.ones(self.n_lat), no_background)
 
 
-def pixel_model(ds, backend="auto", oversample=1, hkl=None, band_rtol=None):
+def pixel_model(ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None):
     """:meth:`PixelModel.from_dataset`."""
-    return PixelModel.from_dataset(ds, backend=backend, oversample=oversample, hkl=hkl, band_rtol=band_rtol)
+    return PixelModel.from_dataset(ds, backend=backend, oversample=oversample, hkl=hkl, band_rtol=band_rtol,
+                                   band_floor=band_floor)
 
 
 def nll_and_gradients(pm, I, G, bg, return_lambda=False):

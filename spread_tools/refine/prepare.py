@@ -113,8 +113,8 @@ def build_pixel_model(ds, cfg, backend=None):
     ds : Dataset
         This rank's lattices.
     cfg : Config
-        Effective configuration: ``backend`` and ``pixel_model.band_rtol`` (the cut, a
-        relative tolerance on λ; :mod:`spread_tools.model.bands`).
+        Effective configuration: ``backend``, ``pixel_model.band_rtol`` (the cut, a
+        relative tolerance on λ) and ``pixel_model.band_floor`` (:mod:`spread_tools.model.bands`).
     backend : str, optional
         Overrides ``cfg.backend``.
 
@@ -122,10 +122,11 @@ def build_pixel_model(ds, cfg, backend=None):
     -------
     spread_tools.model.pixel.PixelModel
     """
-    from spread_tools.model.bands import check_rtol
+    from spread_tools.model.bands import check_floor, check_rtol
     from spread_tools.model.pixel import PixelModel
     rtol = check_rtol(cfg.pixel_model.band_rtol, "parameter pixel_model.band_rtol")
-    return PixelModel.from_dataset(ds, backend=backend or cfg.backend, band_rtol=rtol)
+    floor = check_floor(cfg.pixel_model.band_floor, "parameter pixel_model.band_floor")
+    return PixelModel.from_dataset(ds, backend=backend or cfg.backend, band_rtol=rtol, band_floor=floor)
 
 
 def _norm_sg(sg):

@@ -95,7 +95,7 @@ import scipy.optimize
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
-from spread_tools.model.bands import DEFAULT_RTOL
+from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL
 from spread_tools.refine.checkpoint import (
     _answer_config,
     _fingerprint,
@@ -152,7 +152,10 @@ REFINE_SCHEMA = {
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
     "pixel_model": {
         "band_rtol": P(DEFAULT_RTOL, "channel band cut: relative tolerance on lambda per pixel (times "
-                       "max I / min I over its channels); 0 keeps the exact dense result"),
+                       "max I / min I over its channels)"),
+        "band_floor": P(DEFAULT_FLOOR, "no channel band for a pixel whose weight is below this fraction "
+                        "of its shoebox's brightest pixel; band_rtol=0 and band_floor=0 keep the exact "
+                        "dense result"),
     },
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from spread_tools.errors import InputError
-from spread_tools.model.bands import DEFAULT_RTOL, bands_from_dense, build_bands, check_rtol
+from spread_tools.model.bands import (
+    DEFAULT_FLOOR,
+    DEFAULT_RTOL,
+    bands_from_dense,
+    build_bands,
+    check_floor,
+    check_rtol,
+)
 from spread_tools.model.pixel import PixelModel, channel_weights, kernel_inputs, unique_hkl
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -46,6 +53,7 @@ def _dropped_and_total(w, bands, off):
 
 
 def test_exact_cut_is_the_dense_weights_bit_for_bit(narrow):
+    """rtol = 0 (and no floor): the bands hold the dense weights; only exact zeros are left out."""
     w = channel_weights(narrow, backend="cpu")
     kin = kernel_inputs(narrow)
     b = build_bands(kin, narrow.n_pixels, narrow.n_channels, 1, 0.0)
@@ -90,8 +98,9 @@ def test_cut_drops_at_most_rtol_of_each_pixel(request, fixture, rtol):
     assert np.all(dropped_d <= rtol * total)
 
 
-def _dense_reference(w, ds, hkl, sb_h, I, G, bg):
-    """λ, NLL, dI, dG, dbg from dense w in NumPy (float64)."""
+def _dense_reference(w, ds, sb_h, I, G, bg, rtol, floor):
+    """λ, NLL, dI, dG, dbg from dense w in NumPy (float64), and the documented bounds of the
+    differences a cut (rtol, floor) may make (module docstring of spread_tools.model.bands)."""
     sb = np.repeat(np.arange(ds.n_shoeboxes), np.diff(ds.pixel_offset))
     xy = ds.pixel_xy()
     bb = ds.sb_bbox
@@ -113,42 +122,63 @@ def _dense_reference(w, ds, hkl, sb_h, I, G, bg):
     a = np.stack([np.ones_like(xh), xh, yh], axis=1)
     dbg = np.zeros((ds.n_shoeboxes, 3))
     np.add.at(dbg, sb, (r * bgp)[:, None] * a)
-    # per-term scales of the documented bounds
+    # D: weight a pixel may lose (cut + floor); Δλ ≤ G max I D
+    tot = w64.sum(axis=1)
+    peak = np.maximum.reduceat(tot, ds.pixel_offset[:-1])[sb]
+    D = rtol * tot + floor * peak
+    Imax = I.max(axis=1)[h]
+    dlam = Gp * Imax * D
     q = np.where(m, 1.0 + k / lam, 0.0)
-    scale_dI = np.zeros_like(I)
-    np.add.at(scale_dI, h, (q * Gp)[:, None] * (w64 + w64.sum(axis=1)[:, None]))
-    scale_dG = np.bincount(ds.sb_lattice[sb], weights=2 * q * S, minlength=ds.n_lattices)
-    scale_dbg = np.zeros((ds.n_shoeboxes, 3))
-    np.add.at(scale_dbg, sb, (np.where(m, k, 0.0) * bgp / lam)[:, None] * np.abs(a))
-    scale_nll = np.sum((lam + k)[m])
-    return lam, nll, dI, dG, dbg, scale_nll, scale_dI, scale_dG, scale_dbg
+    ratio = np.max(I.max(axis=1) / I.min(axis=1))
+    b_dI = np.zeros_like(I)
+    np.add.at(b_dI, h, ((2 + ratio) * q * Gp * D)[:, None] * np.ones_like(w64))
+    b_dG = np.bincount(ds.sb_lattice[sb], weights=2 * q * Imax * D, minlength=ds.n_lattices)
+    b_dbg = np.zeros((ds.n_shoeboxes, 3))
+    np.add.at(b_dbg, sb, (np.where(m, k, 0.0) * bgp * dlam / lam ** 2)[:, None] * np.abs(a))
+    b_nll = np.sum((dlam * q)[m])
+    return (lam, nll, dI, dG, dbg), (dlam, b_nll, b_dI, b_dG, b_dbg)
 
 
-@pytest.mark.parametrize("rtol", [0.0, DEFAULT_RTOL, 1e-4])
-def test_lambda_nll_gradients_equal_dense_to_the_documented_tolerance(spiky, rtol):
-    """|Δλ|/λ ≤ ε = rtol·max I/min I; NLL within ε Σ(λ + k); each gradient entry within ε times
-    the sum of its terms' magnitudes (module docstring of spread_tools.model.bands)."""
+@pytest.mark.parametrize("rtol,floor", [(0.0, 0.0), (DEFAULT_RTOL, DEFAULT_FLOOR), (1e-4, 0.0), (0.0, 1e-4)])
+def test_lambda_nll_gradients_equal_dense_to_the_documented_tolerance(spiky, rtol, floor):
+    """Every difference from the dense path within its documented bound."""
     ds = spiky
     hkl, sb_h = unique_hkl(ds.sb_miller_index)
-    pm = PixelModel.from_dataset(ds, backend="cpu", band_rtol=rtol)
-    assert pm.band_rtol == rtol
+    pm = PixelModel.from_dataset(ds, backend="cpu", band_rtol=rtol, band_floor=floor)
+    assert pm.band_rtol == rtol and pm.band_floor == floor
     rng = np.random.default_rng(7)
     I, G, bg = random_params(pm, rng)
     bg[:, 0] -= 3.0                                             # Bragg-dominated pixels: λ tests the cut
-    ref = _dense_reference(channel_weights(ds, backend="cpu"), ds, hkl, sb_h, I, G, bg)
-    lam_ref, nll_ref, dI_ref, dG_ref, dbg_ref, s_nll, s_dI, s_dG, s_dbg = ref
-    nll, dI, dG, dbg, lam = pm.nll_and_gradients(I, G, bg, return_lambda=True)
-    eps = rtol * np.max(I.max(axis=1) / I.min(axis=1))
+    ref, bound = _dense_reference(channel_weights(ds, backend="cpu"), ds, sb_h, I, G, bg, rtol, floor)
+    got = pm.nll_and_gradients(I, G, bg, return_lambda=True)
+    got = (got[4], got[0], got[1], got[2], got[3])
     rnd = 1e-12                                                 # float64 round-off of different sum orders
-    assert np.all(np.abs(lam - lam_ref) <= (eps + rnd) * lam_ref)
-    assert abs(nll - nll_ref) <= eps * s_nll + rnd * abs(nll_ref)
-    assert np.all(np.abs(dI - dI_ref) <= eps * s_dI + rnd * np.abs(dI_ref).max())
-    assert np.all(np.abs(dG - dG_ref) <= eps * s_dG + rnd * np.abs(dG_ref).max())
-    assert np.all(np.abs(dbg - dbg_ref) <= eps * s_dbg + rnd * np.abs(dbg_ref).max())
-    if rtol >= 1e-4:                                             # the cut is visible at this tolerance
-        assert np.max(np.abs(lam - lam_ref) / lam_ref) > 1e-3 * eps
+    for name, x, y, b in zip(("lam", "nll", "dI", "dG", "dbg"), got, ref, bound):
+        assert np.all(np.abs(x - y) <= b + rnd * np.max(np.abs(y))), name
+    lam, lam_ref = got[0], ref[0]
+    if rtol + floor >= 1e-4:                                     # the cut is visible at these settings
+        assert np.max(np.abs(lam - lam_ref) / lam_ref) > 1e-9
+    if floor > 0:
+        assert pm.bands.stats["pixels_floored"] > 0
     # the Bragg part is most of λ somewhere, so the λ check means something
     assert np.max(lam_ref / np.exp(bg[pm.pixel_shoebox, 0] + 1.0)) > 10
+
+
+def test_floor_empties_only_faint_pixels(narrow):
+    w = channel_weights(narrow, backend="cpu").astype(np.float64)
+    b = build_bands(kernel_inputs(narrow), narrow.n_pixels, narrow.n_channels, 1, 0.0, floor=1e-6)
+    tot = w.sum(axis=1)
+    sb = np.repeat(np.arange(narrow.n_shoeboxes), np.diff(narrow.pixel_offset))
+    peak = np.maximum.reduceat(tot, narrow.pixel_offset[:-1])[sb]
+    faint = tot < 1e-6 * peak
+    assert np.all(b.length[faint] == 0) and np.sum(faint & (tot > 0)) > 10
+    kept = ~faint & (tot > 0)
+    assert np.all(b.length[kept] > 0)
+    assert b.stats["pixels_floored"] == np.sum(faint & (tot > 0))
+    d = bands_from_dense(w.astype(np.float32), narrow.pixel_offset, 0.0, 1e-6)
+    assert np.array_equal(d.length == 0, b.length == 0)
+    with pytest.raises(InputError, match="band_floor"):
+        check_floor(0.5)
 
 
 def test_pass_reads_only_active_pixels(spiky):

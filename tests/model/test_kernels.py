@@ -43,7 +43,8 @@ _CHILD = textwrap.dedent(r"""
     for rtol in (0.0, 1e-7):
         res = {}
         for backend in ("cpu", "cuda"):
-            pm = PixelModel.from_dataset(ds, backend=backend, oversample=2, band_rtol=rtol)
+            pm = PixelModel.from_dataset(ds, backend=backend, oversample=2, band_rtol=rtol,
+                                         band_floor=0.0 if rtol == 0 else 1e-9)
             I, G, bg = random_params(pm, np.random.default_rng(4))
             nll, dI, dG, dbg, lam = pm.nll_and_gradients(I, G, bg, return_lambda=True)
             res[backend] = dict(w=pm.w, lo=pm.bands.lo, length=pm.bands.length, nll=nll, dI=dI, dG=dG, dbg=dbg,
@@ -166,7 +167,7 @@ def test_cuda_kernels_type_and_lower_for_sm90(monkeypatch):
     i64, f64 = numba.int64, numba.float64
     sigs = [
         (ck.channel_weights, cw + (i64, ty(w), i64, i64)),
-        (bk.band_lengths, cw + (i64, f64, ty(b.lo), ty(b.length))),
+        (bk.band_lengths, cw + (i64, f64, ty(b.lo), ty(b.length), ty(np.zeros(3)))),
         (bk.band_values, cw + (i64, ty(b.lo), ty(b.length), ty(b.sb_offset), ty(b.values))),
         (bk.expected_counts, tuple(ty(a) for a in (b.values, b.lo, b.length, b.sb_offset, pm.pixel_offset,
                                                    pm.bbox, pm.sb_lattice, pm.sb_h_index, I, G, bg, f1))),

@@ -450,7 +450,7 @@ def test_channel_fisher_independent_of_chunks_and_close_to_the_exact_cut(full, c
     assert scale > 0 and np.max(np.abs(F1 - F2)) < 1e-12 * scale
     np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-14 * d1.max())
     assert np.array_equal(l1, l2)
-    p0 = problem(ds, cache, "pixel_model.band_rtol=0")
+    p0 = problem(ds, cache, "pixel_model.band_rtol=0", "pixel_model.band_floor=0")
     assert p0.pm.bands.n_values > p.pm.bands.n_values          # the default cut stored fewer weights
     F0, d0, _ = p0.local_fisher(x)
     assert np.max(np.abs(F1 - F0)) < 1e-5 * scale
@@ -460,3 +460,5 @@ def test_channel_fisher_independent_of_chunks_and_close_to_the_exact_cut(full, c
 def test_band_rtol_parameter_checked(tiny, cache):
     with pytest.raises(InputError, match="pixel_model.band_rtol"):
         problem(tiny, cache, "pixel_model.band_rtol=2")
+    with pytest.raises(InputError, match="pixel_model.band_floor"):
+        problem(tiny, cache, "pixel_model.band_floor=-1")

@@ -249,7 +249,7 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
                                pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
     # every weight below half the smallest float32 subnormal: all exactly 0
     if phi_max <= 0.0 or R_E2_A2 * phi_max * wsum * math.exp(-q_min) < _F32_ZERO:
-        return 0, 0, 0
+        return 0, 0, 0, 0.0
     scale = R_E2_A2 * phi_tot * wsum
     ca = 0
     cb = n_chan
@@ -278,14 +278,14 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
         total = _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
         budget = rtol * total
     a, b = _trim(buf, ca, cb, budget)
-    return a, b, cb - ca
+    return a, b, cb - ca, total
 
 
 @numba.njit(parallel=True, cache=True)
 def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, pslow, pnorm, ppix,
-                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length, evaluated):
-    """First pass: ``lo[p]``, ``length[p]`` of every pixel's band (uint16) and the number of
-    channels evaluated for it (``evaluated``, a diagnostic)."""
+                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length, evaluated, total):
+    """First pass: ``lo[p]``, ``length[p]`` of every pixel's band (uint16), the number of
+    channels evaluated for it (``evaluated``, a diagnostic) and its weight Σ_c w (``total``)."""
     n_sb = len(sb_lat)
     n_chan = inv_lam.shape[0]
     for k in numba.prange(n_sb):
@@ -299,12 +299,13 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
         tmp = np.empty(4)
         buf = np.zeros(n_chan)
         for p in range(pix_off[k], pix_off[k + 1]):
-            a, b, n_ev = _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, phi,
-                                     phi_max, phi_tot, porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0,
-                                     inv_lam, rtol, sub, v, tmp, buf)
+            a, b, n_ev, tot = _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc,
+                                          phi, phi_max, phi_tot, porig, pfast, pslow, pnorm, ppix, bbox, pix_off,
+                                          h0, inv_lam, rtol, sub, v, tmp, buf)
             lo[p] = a
             length[p] = b - a
             evaluated[p] = n_ev
+            total[p] = tot
 
 
 @numba.njit(parallel=True, cache=True)
@@ -339,18 +340,40 @@ def band_values(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, psl
 
 
 @numba.njit(parallel=True, cache=True)
-def bands_from_dense(w, pix_off, rtol, lo, length):
-    """``lo``, ``length`` of dense weights ``w`` (n_pix, n_chan) under the cut (no screen: B = 0)."""
+def apply_floor(pix_off, total, floor, lo, length):
+    """Empty the band of every pixel whose weight Σ_c w is below ``floor`` × the largest of its shoebox.
+
+    Returns the number of bands emptied."""
+    n_sb = len(pix_off) - 1
+    out = np.zeros(n_sb, np.int64)
+    for k in numba.prange(n_sb):
+        top = 0.0
+        for p in range(pix_off[k], pix_off[k + 1]):
+            top = max(top, total[p])
+        lim = floor * top
+        for p in range(pix_off[k], pix_off[k + 1]):
+            if length[p] > 0 and total[p] < lim:
+                lo[p] = 0
+                length[p] = 0
+                out[k] += 1
+    return out.sum()
+
+
+@numba.njit(parallel=True, cache=True)
+def bands_from_dense(w, pix_off, rtol, lo, length, total):
+    """``lo``, ``length`` of dense weights ``w`` (n_pix, n_chan) under the cut (no screen: B = 0)
+    and each pixel's Σ_c w (``total``)."""
     n_chan = w.shape[1]
     n_sb = len(pix_off) - 1
     for k in numba.prange(n_sb):
         buf = np.empty(n_chan)
         for p in range(pix_off[k], pix_off[k + 1]):
-            total = 0.0
+            tot = 0.0
             for c in range(n_chan):
                 buf[c] = np.float64(w[p, c])
-                total += buf[c]
-            a, b = _trim(buf, 0, n_chan, rtol * total)
+                tot += buf[c]
+            total[p] = tot
+            a, b = _trim(buf, 0, n_chan, rtol * tot)
             lo[p] = a
             length[p] = b - a
 

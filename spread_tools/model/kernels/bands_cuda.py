@@ -175,8 +175,8 @@ def _screen_margin(rtol, n_chan, n_terms):
 
 @cuda.jit
 def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, pslow, pnorm, ppix,
-                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length):
-    """First pass (as :func:`bands_cpu.band_lengths`): band of every pixel."""
+                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length, ptotal):
+    """First pass (as :func:`bands_cpu.band_lengths`): band and weight Σ_c w of every pixel."""
     k = cuda.blockIdx.x
     t = cuda.threadIdx.x
     j = sb_lat[k]
@@ -197,12 +197,14 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
         if phi_max <= 0.0 or R_E2_A2 * phi_max * wsum * math.exp(-q_min) < _F32_ZERO:
             lo[p] = 0
             length[p] = 0
+            ptotal[p] = 0.0
             p += TPB
             continue
         scale = R_E2_A2 * phi_tot * wsum
         ca = 0
         cb = n_chan
         budget = 0.0
+        total = 0.0
         done = False
         if rtol > 0.0:
             margin = _screen_margin(rtol, n_chan, n_terms)
@@ -275,6 +277,7 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
             b = 0
         lo[p] = a
         length[p] = b - a
+        ptotal[p] = total
         p += TPB
 
 
@@ -507,25 +510,33 @@ def reduce_spans_by_h(h_order, h_off, span_lo, span_off, dI_span, out):
         out[hi, c] = tot
 
 
-def build_bands(kin, n_pix, n_chan, oversample, rtol):
+def build_bands(kin, n_pix, n_chan, oversample, rtol, floor=0.0):
     """Bands computed on the GPU (:func:`spread_tools.model.bands.build_bands` with ``backend="cuda"``);
-    ``values`` stay on the device."""
+    ``values`` stay on the device (the floor is applied on the host between the passes)."""
     from spread_tools.model.bands import ChannelBands, _sb_offsets
+    from spread_tools.model.kernels import bands_cpu
     from spread_tools.model.pixel import _CW_ORDER
     lo = np.zeros(n_pix, np.uint16)
     length = np.zeros(n_pix, np.uint16)
     n_sb = len(kin["sb_lat"])
     if n_sb == 0 or n_pix == 0:
         sb_off = np.zeros(n_sb + 1, np.int64)
-        return ChannelBands(n_chan, lo, length, sb_off, cuda.device_array(1, np.float32), rtol)
+        return ChannelBands(n_chan, lo, length, sb_off, cuda.device_array(1, np.float32), rtol, floor)
     args = [to_device(kin[name]) for name in _CW_ORDER]
     lo_d = cuda.device_array(n_pix, np.uint16)
     len_d = cuda.device_array(n_pix, np.uint16)
-    band_lengths[n_sb, TPB](*args, oversample, rtol, lo_d, len_d)
+    tot_d = cuda.device_array(n_pix, np.float64)
+    band_lengths[n_sb, TPB](*args, oversample, rtol, lo_d, len_d, tot_d)
     lo = lo_d.copy_to_host()
     length = len_d.copy_to_host()
+    n_floor = 0
+    if floor > 0:
+        n_floor = int(bands_cpu.apply_floor(kin["pix_off"], tot_d.copy_to_host(), floor, lo, length))
+        lo_d = to_device(lo)
+        len_d = to_device(length)
+    del tot_d
     sb_off = _sb_offsets(kin["pix_off"], lo, length)
     values = cuda.device_array(max(1, int(sb_off[-1])), np.float32)
     band_values[n_sb, TPB](*args, oversample, lo_d, len_d, to_device(sb_off), values)
     cuda.synchronize()
-    return ChannelBands(n_chan, lo, length, sb_off, values, rtol)
+    return ChannelBands(n_chan, lo, length, sb_off, values, rtol, floor, {"pixels_floored": n_floor})
