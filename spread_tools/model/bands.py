@@ -239,7 +239,7 @@ def build_bands(kin, n_pix, n_chan, oversample=1, rtol=DEFAULT_RTOL, backend="cp
     from spread_tools.model.kernels import bands_cpu
     args = [kin[name] for name in _CW_ORDER]
     if n_sb and n_pix:
-        bands_cpu.band_lengths(*args, oversample, rtol, lo, length, evaluated, total)
+        bands_cpu.band_lengths(*args, oversample, rtol, floor, lo, length, evaluated, total)
         if floor > 0:
             n_floor = int(bands_cpu.apply_floor(off, total, floor, lo, length))
     del total

@@ -397,6 +397,7 @@ class PixelModel:
         edges = np.concatenate([[1], self.bbox[:, 1] - self.bbox[:, 0], heights])
         self._max_edge = int(edges.max())
         self._max_span = int(max(1, np.diff(self.span_off).max(initial=1)))
+        self._max_active = int(max(1, np.diff(self.act_off).max(initial=1)))
         self.kmom = np.zeros((self.n_sb, 3))
         self.act_row = np.zeros(n, np.uint16)
         self.act_col = np.zeros(n, np.uint16)
@@ -547,7 +548,7 @@ class PixelModel:
                              self.sb_h_index, self.span_lo, self.span_off, self.wsum, self.kmom, self.row_off,
                              self.row_full, self.act_off, self.act_row, self.act_col, self.act_woff, self.act_lo, self.act_len,
                              self.act_k, I, G, bg, want_grad, self._n_chunks, self._max_edge, self._max_span,
-                             nll_sb, dG_sb, dbg, dI_span)
+                             self._max_active, nll_sb, dG_sb, dbg, dI_span)
         nll, dG, dI = bands_cpu.reduce_spans(nll_sb, dG_sb, dI_span, self.sb_lattice, self.sb_h_index,
                                              self.span_lo, self.span_off, self.n_lat, self.n_h, self.n_chan,
                                              want_grad)

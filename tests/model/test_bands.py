@@ -174,7 +174,8 @@ def test_floor_empties_only_faint_pixels(narrow):
     assert np.all(b.length[faint] == 0) and np.sum(faint & (tot > 0)) > 10
     kept = ~faint & (tot > 0)
     assert np.all(b.length[kept] > 0)
-    assert b.stats["pixels_floored"] == np.sum(faint & (tot > 0))
+    # counted: the faint pixels with weight, and those skipped unevaluated (possibly all zero)
+    assert np.sum(faint & (tot > 0)) <= b.stats["pixels_floored"] <= np.sum(faint)
     d = bands_from_dense(w.astype(np.float32), narrow.pixel_offset, 0.0, 1e-6)
     assert np.array_equal(d.length == 0, b.length == 0)
     with pytest.raises(InputError, match="band_floor"):

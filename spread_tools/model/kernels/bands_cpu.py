@@ -239,7 +239,8 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
     """Band (lo, hi) of one pixel and the number of channels evaluated; ``buf[lo:hi]`` holds its values.
 
     The window of the analytic screen starts at Q ≤ Q_min + T; the weight outside it is at
-    most B = r_e² Φ Σ_s sub[s] exp(−cut). When B does not fit in the budget rtol·Σ, the
+    most B = r_e² Φ Σ_s sub[s] exp(−cut), and exactly 0 in float32 when
+    r_e² max φ Σ_s sub[s] exp(−cut) is below half the smallest subnormal. When B does not fit in the budget rtol·Σ, the
     window is widened to the cut where it does (from the Σ found so far; by another T when
     the window held only φ = 0 channels), at most 8 times, then every channel is evaluated.
     """
@@ -263,7 +264,10 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
             if ca == 0 and cb == n_chan:
                 break
             total = _evaluate(ca, cb, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
-            budget = rtol * total - scale * math.exp(-cut)
+            outside = scale * math.exp(-cut)
+            if R_E2_A2 * phi_max * wsum * math.exp(-cut) < _F32_ZERO:
+                outside = 0.0               # every weight outside the window rounds to float32 0
+            budget = rtol * total - outside
             if budget >= 0.0:
                 done = True
                 break
@@ -283,9 +287,16 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
 
 @numba.njit(parallel=True, cache=True)
 def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, pslow, pnorm, ppix,
-                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, lo, length, evaluated, total):
+                 pix_off, bbox, sb_lat, sb_panel, h0, inv_lam, oversample, rtol, floor, lo, length, evaluated,
+                 total):
     """First pass: ``lo[p]``, ``length[p]`` of every pixel's band (uint16), the number of
-    channels evaluated for it (``evaluated``, a diagnostic) and its weight Σ_c w (``total``)."""
+    channels evaluated for it (``evaluated``, a diagnostic) and its weight Σ_c w (``total``).
+
+    With a floor, the pixels of a shoebox that it must empty are mostly recognised without
+    evaluating them: U_p = r_e² Φ Σ_s ω_s P_s peak exp(−Q_min) bounds Σ_c w[p, c]; the pixel
+    of largest U is evaluated first, and a pixel with U_p below ``floor`` × its weight is skipped
+    (:func:`apply_floor` would empty it anyway, so the bands are the same).
+    """
     n_sb = len(sb_lat)
     n_chan = inv_lam.shape[0]
     for k in numba.prange(n_sb):
@@ -298,7 +309,28 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
         v = np.empty((oversample * oversample * n_dom, 6))
         tmp = np.empty(4)
         buf = np.zeros(n_chan)
-        for p in range(pix_off[k], pix_off[k + 1]):
+        p0 = pix_off[k]
+        n_p = pix_off[k + 1] - p0
+        first = p0
+        bound = np.zeros(n_p)
+        if floor > 0.0:
+            best = -1.0
+            for p in range(p0, p0 + n_p):
+                q_min, wsum = _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc,
+                                           porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
+                bound[p - p0] = R_E2_A2 * phi_tot * wsum * math.exp(-q_min) * (1.0 + 1e-6)   # float32 rounding
+                if bound[p - p0] > best:
+                    best = bound[p - p0]
+                    first = p
+        lim = -1.0
+        for m in range(n_p):
+            p = first if m == 0 else (p0 + m - 1 if p0 + m - 1 < first else p0 + m)
+            if bound[p - p0] < lim:
+                lo[p] = 0
+                length[p] = 0
+                evaluated[p] = 0
+                total[p] = -1.0                 # emptied by the floor unevaluated (apply_floor counts it)
+                continue
             a, b, n_ev, tot = _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc,
                                           phi, phi_max, phi_tot, porig, pfast, pslow, pnorm, ppix, bbox, pix_off,
                                           h0, inv_lam, rtol, sub, v, tmp, buf)
@@ -306,6 +338,8 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
             length[p] = b - a
             evaluated[p] = n_ev
             total[p] = tot
+            if m == 0 and floor > 0.0:
+                lim = floor * tot
 
 
 @numba.njit(parallel=True, cache=True)
@@ -343,7 +377,8 @@ def band_values(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, psl
 def apply_floor(pix_off, total, floor, lo, length):
     """Empty the band of every pixel whose weight Σ_c w is below ``floor`` × the largest of its shoebox.
 
-    Returns the number of bands emptied."""
+    Returns the number of bands emptied (with those :func:`band_lengths` emptied unevaluated,
+    marked by a negative total)."""
     n_sb = len(pix_off) - 1
     out = np.zeros(n_sb, np.int64)
     for k in numba.prange(n_sb):
@@ -352,7 +387,9 @@ def apply_floor(pix_off, total, floor, lo, length):
             top = max(top, total[p])
         lim = floor * top
         for p in range(pix_off[k], pix_off[k + 1]):
-            if length[p] > 0 and total[p] < lim:
+            if total[p] < 0.0:
+                out[k] += 1
+            elif length[p] > 0 and total[p] < lim:
                 lo[p] = 0
                 length[p] = 0
                 out[k] += 1
@@ -538,11 +575,14 @@ def _geometric(out, n, start, lead, step):
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
 def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, span_off, wsum, kmom, row_off,
                row_full, act_off, act_row, act_col, act_woff, act_lo, act_len, act_k, I, G, bg, want_grad,
-               n_chunks, max_edge, max_span, nll_sb, dG_sb, dbg_sb, dI_span):
+               n_chunks, max_edge, max_span, max_active, nll_sb, dG_sb, dbg_sb, dI_span):
     """NLL and gradients per shoebox (module docstring); ``dI_span`` over each shoebox's channel span.
 
-    Shoeboxes are processed in ``n_chunks`` fixed ranges (scratch arrays of ``max_edge`` and
-    ``max_span`` entries allocated once per range); every shoebox writes only its own results.
+    Shoeboxes are processed in ``n_chunks`` fixed ranges (scratch arrays of ``max_edge``,
+    ``max_span`` and ``max_active`` entries allocated once per range); every shoebox writes only
+    its own results. Per shoebox: the Bragg sums of its active pixels, then ln(1 + t) and k/λ
+    for all of them as short series (t = G S/bg < 1e-4: errors below 1e-20 relative; no branch,
+    so the loop vectorises), then the exact forms where t is larger, then the gradient sums.
     """
     n_sb = len(sb_lat)
     per = (n_sb + n_chunks - 1) // n_chunks
@@ -552,6 +592,10 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
         ey = np.empty(max_edge)
         iey = np.empty(max_edge)
         acc = np.empty(max_span)
+        sv = np.empty(max_active)
+        tv = np.empty(max_active)
+        lv = np.empty(max_active)
+        kv = np.empty(max_active)
         for k in range(chunk * per, min(n_sb, (chunk + 1) * per)):
             j = sb_lat[k]
             h = sb_h[k]
@@ -609,39 +653,58 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
             q2 = 0.0
             base = sb_offset[k]
             Ih = I[h]
-            for i in range(act_off[k], act_off[k + 1]):
-                row = np.int64(act_row[i])
-                col = np.int64(act_col[i])
+            a_0 = act_off[k]
+            n_a = act_off[k + 1] - a_0
+            # 1) Bragg sums of the active pixels (their bands only)
+            for ii in range(n_a):
+                i = a_0 + ii
                 o = base + act_woff[i]
                 l0 = np.int64(act_lo[i])
-                n = np.int64(act_len[i])
                 s = 0.0
-                for q in range(n):
+                for q in range(np.int64(act_len[i])):
                     s += np.float64(values[o + q]) * Ih[l0 + q]
+                sv[ii] = s
+            # 2) t = G S / bg, ln(1 + t) and k/λ: branch-free short series (vectorised) ...
+            big = 0
+            for ii in range(n_a):
+                i = a_0 + ii
+                ibg = iey[act_row[i]] * iex[act_col[i]]
+                t = g * sv[ii] * ibg
                 kk = np.float64(act_k[i])
-                gs = g * s
-                ibg = iey[row] * iex[col]
-                t = gs * ibg
-                if t < _T_SERIES:
-                    lg = t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2))))
-                    inv = ibg * (1.0 - t * (1.0 - t * (1.0 - t * (1.0 - t))))      # 1/λ = (1/bg)/(1 + t)
-                else:
-                    lam = gs + ey[row] * ex[col]
-                    inv = 1.0 / lam
-                    if t < 1e300:
-                        lg = math.log(1.0 + t)
-                    else:                                              # the background underflowed
-                        lg = math.log(lam) - (b0 + b1 * (xs + col) + b2 * (ys + row))
-                nll -= kk * lg
-                if want_grad:
-                    ki = kk * inv
-                    kq = ki * gs
-                    gq += ki * s
+                tv[ii] = t
+                lv[ii] = kk * (t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2)))))
+                kv[ii] = kk * (ibg * (1.0 - t * (1.0 - t * (1.0 - t * (1.0 - t)))))     # k (1/bg)/(1 + t)
+                big += 1 if t >= _T_SERIES else 0
+            # ... and the exact forms where t is not small (or not finite)
+            if big:
+                for ii in range(n_a):
+                    t = tv[ii]
+                    if not t < _T_SERIES:
+                        i = a_0 + ii
+                        row = np.int64(act_row[i])
+                        col = np.int64(act_col[i])
+                        kk = np.float64(act_k[i])
+                        lam = g * sv[ii] + ey[row] * ex[col]
+                        kv[ii] = kk / lam
+                        if t < 1e300:
+                            lv[ii] = kk * math.log(1.0 + t)
+                        else:                                          # the background underflowed
+                            lv[ii] = kk * (math.log(lam) - (b0 + b1 * (xs + col) + b2 * (ys + row)))
+            for ii in range(n_a):
+                nll -= lv[ii]
+            if want_grad:
+                # 3) gradient sums and the channel accumulation (k/λ) w
+                for ii in range(n_a):
+                    i = a_0 + ii
+                    ki = kv[ii]
+                    kq = ki * g * sv[ii]
+                    gq += ki * sv[ii]
                     q0 += kq
-                    q1 += kq * (xs + col)
-                    q2 += kq * (ys + row)
-                    a0 = l0 - c0
-                    for q in range(n):
+                    q1 += kq * (xs + np.int64(act_col[i]))
+                    q2 += kq * (ys + np.int64(act_row[i]))
+                    o = base + act_woff[i]
+                    a0 = np.int64(act_lo[i]) - c0
+                    for q in range(np.int64(act_len[i])):
                         acc[a0 + q] += ki * np.float64(values[o + q])
             nll_sb[k] = nll
             if want_grad:

@@ -224,7 +224,10 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
                 for c in range(ca, cb):
                     total += _value(c, k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, phi,
                                     porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, inv_lam)
-                budget = rtol * total - scale * math.exp(-cut)
+                outside = scale * math.exp(-cut)
+                if R_E2_A2 * phi_max * wsum * math.exp(-cut) < _F32_ZERO:
+                    outside = 0.0
+                budget = rtol * total - outside
                 if budget >= 0.0:
                     done = True
                     break
