@@ -9,8 +9,9 @@ spectrum's length.
 The cut (``rtol``, a relative tolerance on λ)
 ----------------------------------------------
 Channels are dropped from the two ends of a pixel's band while the dropped weight
-(plus a rigorous bound on the terms the analytic screen skipped, see
-:mod:`spread_tools.model.kernels.bands_cpu`) stays within ``rtol · Σ_c w[p, c]``. The
+(plus a rigorous bound on the weight of the channels the analytic window never
+evaluated, see :mod:`spread_tools.model.kernels.bands_cpu`) stays within
+``rtol · Σ_c w[p, c]``; the weights kept are the dense ones bit for bit. The
 Bragg part of λ_p = G Σ_c w[p, c] I(h, E_c) + bg_p then changes by at most
 ``rtol · G Σ_c w[p, c] · max_c I``, so for any scale and background
 
@@ -30,7 +31,7 @@ of its shoebox keeps no band. Its λ then changes by at most ``floor`` × the br
 pixel's Bragg part (× max I / min I), so with the default :data:`DEFAULT_FLOOR` = 1e-9
 |Δλ|/λ < 1e-6 wherever the spot's brightest Bragg part is below 1000 × the background of
 the pixel; whatever the spot, such a pixel carries less than floor² × (1 + peak/background)
-of the Fisher information on any parameter that the spot does, so it cannot move a
+of the brightest pixel's Fisher information on any parameter, so it cannot move a
 refined value by a visible fraction of σ (``benchmarks/bench_s1.py --compare-exact``
 measures it). ``floor = 0`` switches it off.
 
