@@ -11,18 +11,22 @@ il = E/hc, ``exp(−Q(il))`` with the quadratic
     Q(il) = (2/0.63) Σ_k N_k² (v_k il − h0_k)² = α (il − il*)² + Q*,    v = (R_d A)⁻¹ (ŝ − ŝ0),
 
 so its centre il* and curvature α are known in closed form. With Q_min the smallest
-Q* of the pixel and a margin T (:func:`screen_margin`), a term with Q > Q_min + T is
-below ``exp(−T)`` of the brightest one: such terms are skipped, and only the channels
-where some term has Q ≤ Q_min + T are evaluated at all. The skipped mass is bounded
-by ``B = r_e² Φ Σ_s ω_s P_s peak exp(−Q_min − T)`` (Φ = Σ_c φ_c) and charged to the
-cut's budget; when it does not fit (the peak sits in a gap of a spiky spectrum) the
-pixel is evaluated over every channel instead. ``rtol = 0`` evaluates every channel
-and every term, in the same order as the dense kernel
-(:func:`spread_tools.model.kernels.cpu.channel_weights`): the stored values are then
-the dense float32 weights bit for bit, and only exact zeros are left out.
+Q* of the pixel and a cut level Q_min + T (:func:`screen_margin`), only the channels
+inside the hull of the terms' intervals {Q ≤ cut} are evaluated (every term, in the
+dense kernel's order and arithmetic, so the values are the dense float32 weights bit
+for bit). Outside, every term is below exp(−cut), so the weight there is at most
+``B = r_e² Φ Σ_s ω_s P_s peak exp(−cut)`` (Φ = Σ_c φ_c), and exactly 0 in float32 when
+``r_e² max φ Σ_s ω_s P_s peak exp(−cut)`` is below half the smallest subnormal. B is
+charged to the cut's budget; when it does not fit (the peak sits in a gap of a spiky
+spectrum, or off the channel range) the cut is moved to where it does, from the weight
+found so far, and as a last resort every channel is evaluated. A pixel whose every
+weight rounds to float32 0 is recognised from Q_min alone. ``rtol = 0`` evaluates every
+channel: only exact zeros are left out.
 
 The cut (:func:`_trim`): starting from the evaluated window, the smaller end value is
-dropped while the dropped sum stays within ``rtol · Σ_c w[p, c] − B``.
+dropped while the dropped sum stays within ``rtol · Σ_c w[p, c] − B``. The floor
+(:func:`apply_floor`) then empties the bands of the pixels far below their shoebox's
+brightest (most of them recognised from Q_min without being evaluated).
 
 The model pass (:func:`model_pass`) uses per-shoebox constants of the fixed data
 (:func:`setup_shoeboxes`): for the Poisson NLL Σ_unmasked (λ − k ln λ) with
@@ -35,8 +39,10 @@ The model pass (:func:`model_pass`) uses per-shoebox constants of the fixed data
     ∂/∂(b0,b1,b2) = Σ bg (1, x̂, ŷ) − K + Σ_active k (1, x̂, ŷ) G S/λ
 
 where the *active* pixels are the unmasked ones with k ≠ 0 and a non-empty band:
-only they are read channel by channel; every other pixel costs its mask byte and two
-multiply-adds of the background sum. All of this is exact algebra (no approximation).
+only they are read channel by channel; the background sums are separable per row, a
+row with masked pixels costs their mask bytes. All of this is exact algebra (the
+logarithm and 1/(1 + t) of a pixel with t = G S/bg < 1e-4 are short series, exact to
+1e-20 relative).
 Shoeboxes run in parallel, each writes its own results; sums over shoeboxes are
 serial in shoebox order (:func:`reduce_spans`), so results are bit-identical on
 every call and for any number of threads.
