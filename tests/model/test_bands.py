@@ -214,3 +214,28 @@ def test_bad_cut_is_one_clear_error(narrow):
                    np.array([[1, 0, 0]]), narrow.counts, narrow.mask, backend="cpu", band_rtol=-1)
     with pytest.raises(InputError, match="band_rtol"):
         PixelModel.from_dataset(narrow, backend="cpu", band_rtol=1.0)
+
+
+def test_extreme_backgrounds_give_numbers_not_errors(spiky):
+    """A line search may try a background that overflows or underflows: no exception, and the
+    NLL equals Σ (λ − k ln λ) with ln λ computed in log space (ln bg = b0 + b1 x̂ + b2 ŷ exactly,
+    also where exp(ln bg) underflows to 0): finite where that is finite."""
+    pm = PixelModel.from_dataset(spiky, backend="cpu")
+    I, G, bg = random_params(pm, np.random.default_rng(2))
+    sb = pm.pixel_shoebox
+    xh, yh = pm.pixel_offsets_xy()
+    GS = G[pm.sb_lattice[sb]] * pm.bragg_counts(I)
+    m = pm.mask
+    k = pm.counts.astype(np.float64)
+    for b0 in (-800.0, 800.0):
+        b = bg.copy()
+        b[:, 0] = b0
+        lnbg = b[sb, 0] + b[sb, 1] * xh + b[sb, 2] * yh
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            ln_lam = np.logaddexp(np.log(GS), lnbg)
+            ref = np.sum((np.exp(ln_lam) - k * ln_lam)[m])
+        nll = pm.nll(I, G, b)
+        if np.isfinite(ref):
+            assert nll == pytest.approx(ref, rel=1e-9)
+        else:
+            assert not np.isfinite(nll)

@@ -568,14 +568,19 @@ _T_SERIES = 1e-4
 
 
 @numba.njit(cache=True)
-def _geometric(out, n, start, lead, step):
-    """out[i] = exp(lead + step·(start + i)) for i < n, by one exp and a running product
-    (drift below 1e-15 relative for a shoebox edge of a few hundred pixels)."""
+def _geometric(out, inv, n, start, lead, step):
+    """out[i] = exp(lead + step·(start + i)) and inv[i] = exp(−lead − step·(start + i)) for i < n,
+    by four exps and running products (drift below 1e-15 relative for a shoebox edge of a few
+    hundred pixels; no division, so an underflow gives 0 and inf, not an error)."""
     f = math.exp(step)
     v = math.exp(lead + step * start)
+    fi = math.exp(-step)
+    vi = math.exp(-(lead + step * start))
     for i in range(n):
         out[i] = v
+        inv[i] = vi
         v *= f
+        vi *= fi
 
 
 @numba.njit(parallel=True, cache=True, fastmath=_REASSOC)
@@ -615,10 +620,8 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
             height = bbox[k, 3] - bbox[k, 2]
             xs = 0.5 - 0.5 * width           # x̂ of the first column (pixel centre − shoebox centre)
             ys = 0.5 - 0.5 * height
-            _geometric(ex, width, xs, 0.0, b1)
-            _geometric(iex, width, xs, 0.0, -b1)
-            _geometric(ey, height, ys, b0, b2)
-            _geometric(iey, height, ys, -b0, -b2)
+            _geometric(ex, iex, width, xs, 0.0, b1)
+            _geometric(ey, iey, height, ys, b0, b2)
             f0 = 0.0
             f1 = 0.0
             for col in range(width):
