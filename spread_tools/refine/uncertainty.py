@@ -77,13 +77,18 @@ def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb
             yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
             av = np.empty(3)
             o = sb_offset[k]
+            wv = np.empty(max(ns, 1))
             for p in range(pix_off[k], pix_off[k + 1]):
                 a0 = np.int64(lo[p]) - c0
                 n = np.int64(length[p])
                 if mask[p]:
+                    # views indexed by loop counters only: no wraparound tests, the loops vectorise
+                    vals = values[o:o + n]
+                    Ip = I[h, c0 + a0:c0 + a0 + n]
                     s = 0.0
                     for i in range(n):
-                        s += np.float64(values[o + i]) * I[h, c0 + a0 + i]
+                        wv[i] = np.float64(vals[i])
+                        s += wv[i] * Ip[i]
                     loc = p - pix_off[k]
                     av[0] = 1.0
                     av[1] = (x0 + loc % width) + 0.5 - xc
@@ -91,14 +96,19 @@ def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb
                     bgp = math.exp(bg[k, 0] + bg[k, 1] * av[1] + bg[k, 2] * av[2])
                     gs = g * s
                     W = 1.0 / (gs + bgp)
+                    ub = u[a0:a0 + n]
                     for i in range(n):
-                        wi = np.float64(values[o + i])
+                        wi = wv[i]
                         f = W * g * g * wi
+                        Crow = C[a0 + i, a0:a0 + n]
                         for e in range(n):
-                            C[a0 + i, a0 + e] += f * np.float64(values[o + e])
-                        u[a0 + i] += W * g * gs * wi
-                        for a in range(3):
-                            V[a, a0 + i] += W * bgp * av[a] * g * wi
+                            Crow[e] += f * wv[e]
+                        ub[i] += W * g * gs * wi
+                    for a in range(3):
+                        Va = V[a, a0:a0 + n]
+                        fa = W * bgp * av[a] * g
+                        for i in range(n):
+                            Va[i] += fa * wv[i]
                     for a in range(3):
                         q[a] += W * bgp * av[a] * gs
                         for b in range(3):

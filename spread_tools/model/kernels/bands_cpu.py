@@ -664,22 +664,31 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
             Ih = I[h]
             a_0 = act_off[k]
             n_a = act_off[k + 1] - a_0
+            # per-shoebox views: indices from loop counters only (numba then needs no
+            # negative-index wraparound test in the inner loops, and they vectorise)
+            a_row = act_row[a_0:a_0 + n_a]
+            a_col = act_col[a_0:a_0 + n_a]
+            a_woff = act_woff[a_0:a_0 + n_a]
+            a_lo = act_lo[a_0:a_0 + n_a]
+            a_len = act_len[a_0:a_0 + n_a]
+            a_k = act_k[a_0:a_0 + n_a]
             # 1) Bragg sums of the active pixels (their bands only)
             for ii in range(n_a):
-                i = a_0 + ii
-                o = base + act_woff[i]
-                l0 = np.int64(act_lo[i])
+                o = base + a_woff[ii]
+                l0 = np.int64(a_lo[ii])
+                n = np.int64(a_len[ii])
+                vw = values[o:o + n]
+                vi = Ih[l0:l0 + n]
                 s = 0.0
-                for q in range(np.int64(act_len[i])):
-                    s += np.float64(values[o + q]) * Ih[l0 + q]
+                for q in range(n):
+                    s += np.float64(vw[q]) * vi[q]
                 sv[ii] = s
             # 2) t = G S / bg, ln(1 + t) and k/λ: branch-free short series (vectorised) ...
             big = 0
             for ii in range(n_a):
-                i = a_0 + ii
-                ibg = iey[act_row[i]] * iex[act_col[i]]
+                ibg = iey[a_row[ii]] * iex[a_col[ii]]
                 t = g * sv[ii] * ibg
-                kk = np.float64(act_k[i])
+                kk = np.float64(a_k[ii])
                 tv[ii] = t
                 lv[ii] = kk * (t * (1.0 - t * (0.5 - t * (1.0 / 3.0 - t * (0.25 - t * 0.2)))))
                 kv[ii] = kk * (ibg * (1.0 - t * (1.0 - t * (1.0 - t * (1.0 - t)))))     # k (1/bg)/(1 + t)
@@ -689,10 +698,9 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
                 for ii in range(n_a):
                     t = tv[ii]
                     if not t < _T_SERIES:
-                        i = a_0 + ii
-                        row = np.int64(act_row[i])
-                        col = np.int64(act_col[i])
-                        kk = np.float64(act_k[i])
+                        row = np.int64(a_row[ii])
+                        col = np.int64(a_col[ii])
+                        kk = np.float64(a_k[ii])
                         lam = g * sv[ii] + ey[row] * ex[col]
                         kv[ii] = kk / lam
                         if t < 1e300:
@@ -704,17 +712,19 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
             if want_grad:
                 # 3) gradient sums and the channel accumulation (k/λ) w
                 for ii in range(n_a):
-                    i = a_0 + ii
                     ki = kv[ii]
                     kq = ki * g * sv[ii]
                     gq += ki * sv[ii]
                     q0 += kq
-                    q1 += kq * (xs + np.int64(act_col[i]))
-                    q2 += kq * (ys + np.int64(act_row[i]))
-                    o = base + act_woff[i]
-                    a0 = np.int64(act_lo[i]) - c0
-                    for q in range(np.int64(act_len[i])):
-                        acc[a0 + q] += ki * np.float64(values[o + q])
+                    q1 += kq * (xs + np.int64(a_col[ii]))
+                    q2 += kq * (ys + np.int64(a_row[ii]))
+                    o = base + a_woff[ii]
+                    a0 = np.int64(a_lo[ii]) - c0
+                    n = np.int64(a_len[ii])
+                    vw = values[o:o + n]
+                    va = acc[a0:a0 + n]
+                    for q in range(n):
+                        va[q] += ki * np.float64(vw[q])
             nll_sb[k] = nll
             if want_grad:
                 dG_sb[k] = ssum - gq
@@ -745,9 +755,11 @@ def expected_counts(values, lo, length, sb_offset, pix_off, bbox, sb_lat, sb_h, 
             yh = (y0 + loc // width) + 0.5 - yc
             l0 = np.int64(lo[p])
             n = np.int64(length[p])
+            vw = values[o:o + n]
+            Ip = I[h, l0:l0 + n]
             s = 0.0
             for q in range(n):
-                s += np.float64(values[o + q]) * I[h, l0 + q]
+                s += np.float64(vw[q]) * Ip[q]
             o += n
             lam_out[p] = g * s + math.exp(bg[k, 0] + bg[k, 1] * xh + bg[k, 2] * yh)
 
