@@ -7,9 +7,14 @@ For pixel p of shoebox k (lattice j, Miller index h0, ``docs/formats.md``)::
     NLL     = Σ_{p unmasked} (λ_p − k_p ln λ_p)
 
 The geometry, mosaic model and spectra are fixed during refinement, so ``w`` is
-computed once (:func:`channel_weights`, the heavy pixels × channels × domains
-kernel); every evaluation then reads ``w`` once (:class:`PixelModel`). This is
-exact: :func:`direct_lambda` recomputes λ from scratch for a check.
+computed once; every evaluation then reads it once (:class:`PixelModel`). The model
+keeps ``w`` as channel bands (:mod:`spread_tools.model.bands`): per pixel only the
+contiguous channels whose weight is not negligible under the cut ``band_rtol`` (a
+relative tolerance on λ; 0 keeps the exact dense result), computed directly from the
+closed-form centre and curvature of the lattice transform (never dense), so memory
+and time follow the signal, not the spectrum's length. :func:`channel_weights` gives
+the dense weights (the simulator's path); :func:`direct_lambda` recomputes λ from
+scratch for a check.
 
 Typical use (refinement)::
 
@@ -17,7 +22,8 @@ Typical use (refinement)::
     I = ...                                   # (pm.n_h, n_chan) intensities of pm.hkl at the channels
     nll, dI, dG, dbg = pm.nll_and_gradients(I, G, bg)
 
-Backends: ``"cpu"`` (Numba, threads), ``"cuda"`` (Numba CUDA), ``"auto"`` (cuda
+Backends: ``"cpu"`` (Numba, threads: :mod:`spread_tools.model.kernels.bands_cpu`),
+``"cuda"`` (Numba CUDA: :mod:`spread_tools.model.kernels.bands_cuda`), ``"auto"`` (cuda
 when ``numba.cuda.is_available()``, else cpu). Results are deterministic: the
 same inputs give bit-identical outputs on every call (no atomics; per-shoebox
 partial sums are combined in a fixed order).
@@ -189,7 +195,7 @@ def _check_oversample(oversample):
     return os_
 
 
-def _cuda_channel_weights(kin, n_pix, n_chan, oversample, channel_major):
+def _cuda_channel_weights(kin, n_pix, n_chan, oversample):
     from numba import cuda
 
     from spread_tools.model.kernels import cuda as ck
@@ -197,8 +203,7 @@ def _cuda_channel_weights(kin, n_pix, n_chan, oversample, channel_major):
     n_sb = len(kin["sb_lat"])
     if n_sb and n_pix:
         args = [ck.to_device(kin[name]) for name in _CW_ORDER]
-        stride_p, stride_c = (1, n_pix) if channel_major else (n_chan, 1)
-        ck.channel_weights[n_sb, ck.TPB](*args, oversample, w_d, stride_p, stride_c)
+        ck.channel_weights[n_sb, ck.TPB](*args, oversample, w_d, n_chan, 1)
         cuda.synchronize()
     return w_d
 
@@ -225,7 +230,7 @@ def channel_weights(ds, backend="auto", oversample=1):
     kin = kernel_inputs(ds)
     n_pix, n_chan = int(ds.n_pixels), int(ds.n_channels)
     if backend == "cuda":
-        w_d = _cuda_channel_weights(kin, n_pix, n_chan, oversample, channel_major=False)
+        w_d = _cuda_channel_weights(kin, n_pix, n_chan, oversample)
         return w_d.copy_to_host()[:n_pix * n_chan].reshape(n_pix, n_chan)
     from spread_tools.model.kernels import cpu
     w = np.zeros((n_pix, n_chan), dtype=np.float32)
@@ -235,12 +240,18 @@ def channel_weights(ds, backend="auto", oversample=1):
 
 
 class PixelModel:
-    """Precomputed pixel model of one dataset (or one MPI rank's part of it).
+    """Precomputed pixel model of one dataset (or one MPI rank's part of it), channel-banded.
+
+    The channel weights are kept as one band of channels per pixel
+    (:class:`spread_tools.model.bands.ChannelBands`): only the channels whose weight is not
+    negligible under the cut ``band_rtol`` (a relative tolerance on λ, see
+    :mod:`spread_tools.model.bands`; 0 keeps the exact dense result). Counts and mask
+    are fixed at construction (per-shoebox constants of the NLL are precomputed from them).
 
     Parameters
     ----------
-    w : ndarray float32 (n_pix, n_chan), or for ``backend="cuda"`` also a device array
-        of shape (n_chan, n_pix) (channel-major, as the CUDA kernels use it).
+    w : ndarray float32 (n_pix, n_chan), or ChannelBands
+        Dense weights (cut into bands here) or bands already made (their own cut is kept).
     pixel_offset : int (n_sb+1,)
         Pixels of shoebox k are ``pixel_offset[k]:pixel_offset[k+1]``.
     bbox : int (n_sb, 4)
@@ -258,25 +269,39 @@ class PixelModel:
     n_lattices : int, optional
         Number of lattices (default ``max(sb_lattice) + 1``).
     backend : {"auto", "cpu", "cuda"}
+    band_rtol, band_floor : float
+        The cut and the floor applied to dense ``w`` (defaults
+        :data:`spread_tools.model.bands.DEFAULT_RTOL`, :data:`~spread_tools.model.bands.DEFAULT_FLOOR`).
 
     Attributes
     ----------
     n_pix, n_chan, n_sb, n_lat, n_h : int
     hkl, sb_h_index, sb_lattice, pixel_offset, bbox, counts, mask
+        (``counts`` and ``mask`` are read-only copies.)
+    bands : ChannelBands
     backend : str
         ``"cpu"`` or ``"cuda"``.
     """
 
     def __init__(self, w, pixel_offset, bbox, sb_lattice, sb_h_index, hkl, counts, mask, n_lattices=None,
-                 backend="auto"):
+                 backend="auto", band_rtol=None, band_floor=None):
+        from spread_tools.model.bands import (
+            DEFAULT_FLOOR,
+            DEFAULT_RTOL,
+            MAX_CHANNELS,
+            ChannelBands,
+            bands_from_dense,
+        )
         self.backend = resolve_backend(backend)
         self.pixel_offset = np.ascontiguousarray(pixel_offset, dtype=np.int64)
         self.bbox = np.ascontiguousarray(np.asarray(bbox).reshape(-1, 4), dtype=np.int64)
         self.sb_lattice = np.ascontiguousarray(sb_lattice, dtype=np.int64)
         self.sb_h_index = np.ascontiguousarray(sb_h_index, dtype=np.int64)
         self.hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
-        self.counts = np.ascontiguousarray(counts, dtype=np.float32)
-        self.mask = np.ascontiguousarray(mask, dtype=np.bool_)
+        self.counts = np.array(counts, dtype=np.float32, copy=True).reshape(-1)
+        self.mask = np.array(mask, dtype=np.bool_, copy=True).reshape(-1)
+        self.counts.setflags(write=False)
+        self.mask.setflags(write=False)
         self.n_sb = len(self.sb_lattice)
         self.n_pix = len(self.counts)
         self.n_h = len(self.hkl)
@@ -290,42 +315,32 @@ class PixelModel:
             raise InputError("pixel model: sb_h_index out of range of hkl")
         if self.n_sb and (self.sb_lattice.min() < 0 or self.sb_lattice.max() >= self.n_lat):
             raise InputError("pixel model: sb_lattice out of range")
-        self._w_host = None
-        self._dev = None
-        if self.backend == "cuda":
-            from numba import cuda
-            if hasattr(w, "copy_to_host") or getattr(cuda, "is_cuda_array", lambda a: False)(w):
-                self.n_chan = int(w.shape[0])
-                if tuple(w.shape) != (self.n_chan, self.n_pix):
-                    raise InputError("pixel model: device w must have shape (n_chan, n_pix)")
-                w_dev = w.reshape(self.n_chan * self.n_pix) if self.n_pix else cuda.device_array(1, np.float32)
-            else:
-                w = np.asarray(w, dtype=np.float32)
-                self.n_chan = int(w.shape[1])
-                self._check_w_shape(w)
-                w_dev = cuda.to_device(np.ascontiguousarray(w.T).reshape(-1)) if w.size else \
-                    cuda.device_array(1, np.float32)
-            from spread_tools.model.kernels.cuda import MAX_CHAN
-            if self.n_chan > MAX_CHAN:
-                raise InputError(f"pixel model: the cuda backend handles at most {MAX_CHAN} channels, "
-                                 f"got {self.n_chan}; use backend=cpu or coarser channels")
-            self._setup_cuda(w_dev)
+        size = (self.bbox[:, 1] - self.bbox[:, 0]) * (self.bbox[:, 3] - self.bbox[:, 2])
+        if self.n_sb and not np.array_equal(size, np.diff(self.pixel_offset)):
+            raise InputError("pixel model: shoebox sizes (bbox) do not match pixel_offset")
+        if isinstance(w, ChannelBands):
+            bands = w
         else:
             w = np.asarray(w)
-            if w.dtype != np.float32:
-                w = w.astype(np.float32)
-            self.n_chan = int(w.shape[1])
-            self._check_w_shape(w)
-            self._w_host = np.ascontiguousarray(w)
-
-    def _check_w_shape(self, w):
-        if w.ndim != 2 or w.shape[0] != self.n_pix:
-            raise InputError(f"pixel model: w has shape {w.shape}, expected ({self.n_pix}, n_chan)")
+            if w.ndim != 2 or w.shape[0] != self.n_pix:
+                raise InputError(f"pixel model: w has shape {w.shape}, expected ({self.n_pix}, n_chan)")
+            bands = bands_from_dense(w, self.pixel_offset, DEFAULT_RTOL if band_rtol is None else band_rtol,
+                                     DEFAULT_FLOOR if band_floor is None else band_floor)
+        if bands.n_pix != self.n_pix or len(bands.sb_offset) != self.n_sb + 1:
+            raise InputError("pixel model: channel bands do not match the pixels")
+        if bands.n_chan > MAX_CHANNELS:
+            raise InputError(f"pixel model: {bands.n_chan} channels, at most {MAX_CHANNELS}")
+        self.n_chan = int(bands.n_chan)
+        self.bands = bands
+        self._setup_shoeboxes()
+        self._dev = None
+        if self.backend == "cuda":
+            self._setup_cuda()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None):
-        """Compute the channel weights of a dataset and build its pixel model.
+    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None):
+        """Compute the channel bands of a dataset (never dense) and build its pixel model.
 
         Parameters
         ----------
@@ -337,11 +352,18 @@ class PixelModel:
             The Miller indices that the rows of I (and dI) refer to, e.g. one list
             shared by all MPI ranks; every shoebox's index must be in it. Default:
             the distinct Miller indices of the shoeboxes (:func:`unique_hkl`).
+        band_rtol : float, optional
+            The cut, a relative tolerance on λ (:mod:`spread_tools.model.bands`; default
+            :data:`~spread_tools.model.bands.DEFAULT_RTOL`).
+        band_floor : float, optional
+            The floor relative to the shoebox's brightest pixel (default
+            :data:`~spread_tools.model.bands.DEFAULT_FLOOR`); both 0: the exact dense result.
 
         Returns
         -------
         PixelModel
         """
+        from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL, build_bands
         backend = resolve_backend(backend)
         oversample = _check_oversample(oversample)
         if hkl is None:
@@ -349,49 +371,102 @@ class PixelModel:
         else:
             hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
             sb_h = index_of_hkl(hkl, ds.sb_miller_index, where=f"{ds.path}: shoeboxes/miller_index")
-        if backend == "cuda":
-            kin = kernel_inputs(ds)
-            w = _cuda_channel_weights(kin, ds.n_pixels, ds.n_channels, oversample, channel_major=True)
-            w = w[:ds.n_pixels * ds.n_channels].reshape(ds.n_channels, ds.n_pixels) if ds.n_pixels else \
-                _empty_device_w(ds.n_channels)
-        else:
-            w = channel_weights(ds, backend="cpu", oversample=oversample)
-        return cls(w, ds.pixel_offset, ds.sb_bbox, ds.sb_lattice, sb_h, hkl, ds.counts, ds.mask,
+        rtol = DEFAULT_RTOL if band_rtol is None else band_rtol
+        floor = DEFAULT_FLOOR if band_floor is None else band_floor
+        bands = build_bands(kernel_inputs(ds), int(ds.n_pixels), int(ds.n_channels), oversample, rtol,
+                            backend=backend, floor=floor)
+        return cls(bands, ds.pixel_offset, ds.sb_bbox, ds.sb_lattice, sb_h, hkl, ds.counts, ds.mask,
                    n_lattices=ds.n_lattices, backend=backend)
 
-    def _setup_cuda(self, w_dev):
+    def _setup_shoeboxes(self):
+        """Per-shoebox constants of the fixed counts and mask (:func:`bands_cpu.setup_shoeboxes`)."""
+        from spread_tools.model.kernels import bands_cpu
+        b = self.bands
+        _, span_lo, span_len = bands_cpu.shoebox_sizes(self.pixel_offset, b.lo, b.length)
+        self.span_lo = span_lo
+        self.span_off = np.concatenate([[0], np.cumsum(span_len)]).astype(np.int64)
+        n_act = bands_cpu.count_active(self.pixel_offset, b.length, self.counts, self.mask)
+        self.act_off = np.concatenate([[0], np.cumsum(n_act)]).astype(np.int64)
+        n = int(self.act_off[-1])
+        heights = self.bbox[:, 3] - self.bbox[:, 2]
+        self.row_off = np.concatenate([[0], np.cumsum(heights)]).astype(np.int64)
+        self.row_full = np.zeros(int(self.row_off[-1]), np.uint8)
+        self.wsum = np.zeros(int(self.span_off[-1]))
+        # fixed shoebox ranges of the CPU pass (independent of the thread count) and scratch sizes
+        self._n_chunks = max(1, min(self.n_sb, 256))
+        edges = np.concatenate([[1], self.bbox[:, 1] - self.bbox[:, 0], heights])
+        self._max_edge = int(edges.max())
+        self._max_span = int(max(1, np.diff(self.span_off).max(initial=1)))
+        self._max_active = int(max(1, np.diff(self.act_off).max(initial=1)))
+        self.kmom = np.zeros((self.n_sb, 3))
+        self.act_row = np.zeros(n, np.uint16)
+        self.act_col = np.zeros(n, np.uint16)
+        self.act_woff = np.zeros(n, np.int32)
+        self.act_lo = np.zeros(n, np.uint16)
+        self.act_len = np.zeros(n, np.uint16)
+        self.act_k = np.zeros(n, np.float32)
+        if self.n_sb:
+            sizes = np.diff(b.sb_offset)
+            if sizes.max(initial=0) >= 2 ** 31:
+                raise InputError("pixel model: a shoebox with more than 2^31 channel weights")
+            if max(np.max(self.bbox[:, 1] - self.bbox[:, 0]), np.max(self.bbox[:, 3] - self.bbox[:, 2])) >= 2 ** 16:
+                raise InputError("pixel model: a shoebox wider or higher than 65535 pixels")
+            bands_cpu.setup_shoeboxes(b.host_values(), b.lo, b.length, b.sb_offset, self.pixel_offset, self.bbox,
+                                      self.counts, self.mask, self.span_lo, self.span_off, self.row_off,
+                                      self.act_off, self.wsum, self.kmom, self.row_full, self.act_row,
+                                      self.act_col, self.act_woff, self.act_lo, self.act_len, self.act_k)
+
+    def _setup_cuda(self):
         from numba import cuda
 
-        from spread_tools.model.kernels import cuda as ck
-        d = {"w": w_dev}
-        for name in ("counts", "mask", "pixel_offset", "bbox", "sb_lattice", "sb_h_index"):
-            arr = getattr(self, name)
-            d[name] = ck.to_device(arr if len(arr) else np.zeros((1,) + arr.shape[1:], arr.dtype))
+        from spread_tools.model.kernels import bands_cuda as ck
+        b = self.bands
+        d = {}
+        vals = b.values
+        if not hasattr(vals, "copy_to_host"):
+            vals = ck.to_device(vals if len(vals) else np.zeros(1, np.float32))
+            b.values = vals
+        d["values"] = vals
+        for name in ("mask", "pixel_offset", "bbox", "sb_lattice", "sb_h_index", "span_lo", "span_off", "wsum",
+                     "kmom", "act_off", "act_row", "act_col", "act_woff", "act_lo", "act_len", "act_k"):
+            d[name] = ck.to_device(getattr(self, name))
+        d["lo"] = ck.to_device(b.lo)
+        d["length"] = ck.to_device(b.length)
+        d["sb_offset"] = ck.to_device(b.sb_offset)
         # CSR of shoeboxes per distinct h and per lattice, in shoebox order (fixed-order reductions)
         for key, idx, n in (("h", self.sb_h_index, self.n_h), ("lat", self.sb_lattice, self.n_lat)):
             order = np.argsort(idx, kind="stable").astype(np.int64)
             off = np.concatenate([[0], np.cumsum(np.bincount(idx, minlength=n))]).astype(np.int64)
-            d[key + "_order"] = ck.to_device(order if len(order) else np.zeros(1, np.int64))
+            d[key + "_order"] = ck.to_device(order)
             d[key + "_off"] = ck.to_device(off)
         nsb = max(1, self.n_sb)
         d["nll_sb"] = cuda.device_array(nsb, np.float64)
         d["dG_sb"] = cuda.device_array((nsb, 1), np.float64)
         d["dbg_sb"] = cuda.device_array((nsb, 3), np.float64)
-        d["dI_sb"] = cuda.device_array((nsb, self.n_chan), np.float64)
+        d["dI_span"] = cuda.device_array(max(1, int(self.span_off[-1])), np.float64)
         d["dI"] = cuda.device_array((max(1, self.n_h), self.n_chan), np.float64)
         d["dG"] = cuda.device_array((max(1, self.n_lat), 1), np.float64)
         d["nll"] = cuda.device_array(1, np.float64)
-        d["dummy1"] = cuda.device_array(1, np.float64)
         self._dev = d
 
     # ------------------------------------------------------------------ properties
     @property
     def w(self):
-        """Channel weights, host float32 (n_pix, n_chan) (a copy from the device for cuda)."""
-        if self._w_host is None:
-            flat = self._dev["w"].copy_to_host()[:self.n_pix * self.n_chan]
-            return flat.reshape(self.n_chan, self.n_pix).T.copy()
-        return self._w_host
+        """Dense channel weights, host float32 (n_pix, n_chan), zero outside the bands.
+
+        Made on every access (n_pix × n_chan × 4 bytes): for checks and small problems.
+        """
+        return self.bands.to_dense(self.pixel_offset)
+
+    @property
+    def band_rtol(self):
+        """The cut of the bands (relative tolerance on λ)."""
+        return self.bands.rtol
+
+    @property
+    def band_floor(self):
+        """The floor of the bands (relative to the shoebox's brightest pixel)."""
+        return self.bands.floor
 
     @property
     def pixel_shoebox(self):
@@ -408,6 +483,44 @@ class PixelModel:
         yh = (y0 + loc // width) + 0.5 - 0.5 * (y0 + y1)
         return xh.astype(np.float64), yh.astype(np.float64)
 
+    def storage_bytes(self):
+        """Bytes held for the channel weights, by part (dict).
+
+        ``values`` (the band weights), ``band_index`` (lo, length, shoebox offsets),
+        ``active`` (the list of active pixels and their bands), ``shoebox_constants``
+        (Σ_unmasked w per span channel, count moments, spans), ``total``, and for
+        comparison ``dense`` (float32 n_pix × n_chan).
+        """
+        b = self.bands
+        active = sum(getattr(self, n).nbytes for n in ("act_off", "act_row", "act_col", "act_woff", "act_lo",
+                                                        "act_len", "act_k"))
+        const = (self.wsum.nbytes + self.kmom.nbytes + self.span_lo.nbytes + self.span_off.nbytes
+                 + self.row_off.nbytes + self.row_full.nbytes)
+        out = {"values": b.value_bytes(), "band_index": b.index_bytes(), "active": int(active),
+               "shoebox_constants": int(const)}
+        out["total"] = int(sum(out.values()))
+        out["dense"] = b.dense_bytes()
+        return out
+
+    def pass_bytes(self):
+        """Bytes one :meth:`nll_and_gradients` pass reads (dict, by part).
+
+        ``values``: the band weights of the active pixels (unmasked, k ≠ 0, non-empty
+        band), the only weights read; ``active``: their index; ``mask``: one byte per
+        pixel (the background sums); ``shoebox``: per-shoebox constants and parameters;
+        ``total``.
+        """
+        n_act = int(self.act_off[-1])
+        vals = 4 * int(self.act_len.sum(dtype=np.int64))
+        partial = np.flatnonzero(self.row_full == 0)
+        n_mask = int(np.sum(np.diff(self.row_off)[np.searchsorted(self.row_off, partial, side="right") - 1]))
+        out = {"values": vals, "active": n_act * (2 + 2 + 4 + 2 + 2 + 4),
+               "mask": n_mask if self.backend == "cpu" else self.n_pix,
+               "shoebox": int(self.wsum.nbytes + self.kmom.nbytes + self.row_full.nbytes
+                              + self.n_sb * (8 * 4 + 8 * 3 + 8 * 4 + 8 * 3 + 8 * 2))}
+        out["total"] = int(sum(out.values()))
+        return out
+
     # ------------------------------------------------------------------ evaluation
     def _check_params(self, I, G, bg):
         I = np.ascontiguousarray(I, dtype=np.float64)
@@ -421,55 +534,58 @@ class PixelModel:
             raise InputError(f"pixel model: bg has shape {bg.shape}, expected {(self.n_sb, 3)}")
         return I, G, bg
 
-    def _run(self, I, G, bg, want_grad, want_lam):
+    def _run(self, I, G, bg, want_grad):
         I, G, bg = self._check_params(I, G, bg)
         if self.backend == "cuda":
-            return self._run_cuda(I, G, bg, want_grad, want_lam)
-        from spread_tools.model.kernels import cpu
-        lam = np.empty(self.n_pix if want_lam else 0)
+            return self._run_cuda(I, G, bg, want_grad)
+        from spread_tools.model.kernels import bands_cpu
         nll_sb = np.empty(self.n_sb)
-        dG_sb = np.empty(self.n_sb if want_grad else 0)
+        dG_sb = np.empty(self.n_sb)
         dbg = np.zeros((self.n_sb, 3))
-        dI_sb = np.empty((self.n_sb if want_grad else 0, self.n_chan))
-        cpu.model_per_shoebox(self._w_host, self.counts, self.mask, self.pixel_offset, self.bbox,
-                              self.sb_lattice, self.sb_h_index, I, G, bg, want_grad, want_lam,
-                              lam, nll_sb, dG_sb, dbg, dI_sb)
-        nll, dG, dI = cpu.reduce_per_shoebox(nll_sb, dG_sb, dI_sb, self.sb_lattice, self.sb_h_index,
-                                             self.n_lat, self.n_h, want_grad)
-        return nll, dI, dG, dbg, (lam if want_lam else None)
+        dI_span = np.empty(int(self.span_off[-1]) if want_grad else 0)
+        b = self.bands
+        bands_cpu.model_pass(b.values, b.sb_offset, self.mask, self.pixel_offset, self.bbox, self.sb_lattice,
+                             self.sb_h_index, self.span_lo, self.span_off, self.wsum, self.kmom, self.row_off,
+                             self.row_full, self.act_off, self.act_row, self.act_col, self.act_woff, self.act_lo, self.act_len,
+                             self.act_k, I, G, bg, want_grad, self._n_chunks, self._max_edge, self._max_span,
+                             self._max_active, nll_sb, dG_sb, dbg, dI_span)
+        nll, dG, dI = bands_cpu.reduce_spans(nll_sb, dG_sb, dI_span, self.sb_lattice, self.sb_h_index,
+                                             self.span_lo, self.span_off, self.n_lat, self.n_h, self.n_chan,
+                                             want_grad)
+        return nll, dI, dG, dbg
 
-    def _run_cuda(self, I, G, bg, want_grad, want_lam):
+    def _run_cuda(self, I, G, bg, want_grad):
         from numba import cuda
 
-        from spread_tools.model.kernels import cuda as ck
+        from spread_tools.model.kernels import bands_cuda as ck
         d = self._dev
         if self.n_sb == 0:
             z = np.zeros
-            return 0.0, z((self.n_h, self.n_chan)), z(self.n_lat), z((0, 3)), (z(self.n_pix) if want_lam else None)
+            return 0.0, z((self.n_h, self.n_chan)), z(self.n_lat), z((0, 3))
         I_d = cuda.to_device(I if I.size else np.zeros((1, self.n_chan)))
         G_d = cuda.to_device(G if G.size else np.zeros(1))
         bg_d = cuda.to_device(bg)
-        lam_d = cuda.device_array(max(1, self.n_pix), np.float64) if want_lam else d["dummy1"]
-        ck.model_per_shoebox[self.n_sb, ck.TPB, 0, ck.model_shared_bytes(self.n_chan)](
-            d["w"], self.n_pix, d["counts"], d["mask"], d["pixel_offset"], d["bbox"], d["sb_lattice"],
-            d["sb_h_index"], I_d, G_d, bg_d, want_grad, want_lam, lam_d, d["nll_sb"], d["dG_sb"], d["dbg_sb"],
-            d["dI_sb"])
+        ck.model_pass[self.n_sb, ck.TPB](
+            d["values"], d["sb_offset"], d["mask"], d["pixel_offset"], d["bbox"], d["sb_lattice"], d["sb_h_index"],
+            d["span_lo"], d["span_off"], d["wsum"], d["kmom"], d["act_off"], d["act_row"], d["act_col"], d["act_woff"],
+            d["act_lo"], d["act_len"], d["act_k"], I_d, G_d, bg_d, want_grad, d["nll_sb"], d["dG_sb"], d["dbg_sb"],
+            d["dI_span"])
         ck.sum_fixed_order[1, ck.TPB](d["nll_sb"], d["nll"])
         dI = np.zeros((self.n_h, self.n_chan))
         dG = np.zeros(self.n_lat)
         dbg = np.zeros((self.n_sb, 3))
         if want_grad:
             if self.n_h:
-                ck.reduce_by_csr[ck.blocks_for(self.n_h * self.n_chan), ck.TPB](
-                    d["h_order"], d["h_off"], d["dI_sb"], d["dI"])
+                ck.reduce_spans_by_h[ck.blocks_for(self.n_h * self.n_chan), ck.TPB](
+                    d["h_order"], d["h_off"], d["span_lo"], d["span_off"], d["dI_span"], d["dI"])
                 dI = d["dI"].copy_to_host()[:self.n_h]
             if self.n_lat:
-                ck.reduce_by_csr[ck.blocks_for(self.n_lat), ck.TPB](d["lat_order"], d["lat_off"], d["dG_sb"], d["dG"])
+                ck.reduce_by_csr[ck.blocks_for(self.n_lat), ck.TPB](d["lat_order"], d["lat_off"], d["dG_sb"],
+                                                                     d["dG"])
                 dG = d["dG"].copy_to_host()[:self.n_lat, 0]
             dbg = d["dbg_sb"].copy_to_host()[:self.n_sb]
         nll = float(d["nll"].copy_to_host()[0])
-        lam = lam_d.copy_to_host()[:self.n_pix] if want_lam else None
-        return nll, dI, dG, dbg, lam
+        return nll, dI, dG, dbg
 
     def nll_and_gradients(self, I, G, bg, return_lambda=False):
         """Poisson NLL over unmasked pixels and its gradients.
@@ -498,16 +614,37 @@ class PixelModel:
         lam : float64 (n_pix,)
             Only with ``return_lambda``.
         """
-        nll, dI, dG, dbg, lam = self._run(I, G, bg, True, bool(return_lambda))
-        return (nll, dI, dG, dbg, lam) if return_lambda else (nll, dI, dG, dbg)
+        nll, dI, dG, dbg = self._run(I, G, bg, True)
+        if return_lambda:
+            return nll, dI, dG, dbg, self.expected_counts(I, G, bg)
+        return nll, dI, dG, dbg
 
     def nll(self, I, G, bg):
         """Poisson NLL only (no gradients); see :meth:`nll_and_gradients`."""
-        return self._run(I, G, bg, False, False)[0]
+        return self._run(I, G, bg, False)[0]
 
     def expected_counts(self, I, G, bg):
         """λ of every pixel (masked ones too), float64 (n_pix,); arguments as :meth:`nll_and_gradients`."""
-        return self._run(I, G, bg, False, True)[4]
+        I, G, bg = self._check_params(I, G, bg)
+        if self.n_pix == 0:
+            return np.zeros(0)
+        if self.backend == "cuda":
+            from numba import cuda
+
+            from spread_tools.model.kernels import bands_cuda as ck
+            d = self._dev
+            lam_d = cuda.device_array(self.n_pix, np.float64)
+            ck.expected_counts[self.n_sb, ck.TPB](
+                d["values"], d["lo"], d["length"], d["sb_offset"], d["pixel_offset"], d["bbox"], d["sb_lattice"],
+                d["sb_h_index"], cuda.to_device(I if I.size else np.zeros((1, self.n_chan))),
+                cuda.to_device(G if G.size else np.zeros(1)), cuda.to_device(bg), lam_d)
+            return lam_d.copy_to_host()
+        from spread_tools.model.kernels import bands_cpu
+        lam = np.empty(self.n_pix)
+        b = self.bands
+        bands_cpu.expected_counts(b.values, b.lo, b.length, b.sb_offset, self.pixel_offset, self.bbox,
+                                  self.sb_lattice, self.sb_h_index, I, G, bg, lam)
+        return lam
 
     def bragg_counts(self, I):
         """Bragg part Σ_c w[p,c] I(h_p, E_c) of every pixel at G = 1, no background, float64 (n_pix,).
@@ -522,14 +659,10 @@ class PixelModel:
         return self.expected_counts(I, np.ones(self.n_lat), no_background)
 
 
-def _empty_device_w(n_chan):
-    from numba import cuda
-    return cuda.device_array((n_chan, 0), np.float32)
-
-
-def pixel_model(ds, backend="auto", oversample=1, hkl=None):
+def pixel_model(ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None):
     """:meth:`PixelModel.from_dataset`."""
-    return PixelModel.from_dataset(ds, backend=backend, oversample=oversample, hkl=hkl)
+    return PixelModel.from_dataset(ds, backend=backend, oversample=oversample, hkl=hkl, band_rtol=band_rtol,
+                                   band_floor=band_floor)
 
 
 def nll_and_gradients(pm, I, G, bg, return_lambda=False):

@@ -13,6 +13,7 @@ import numpy as np
 from spread_tools.errors import InputError
 from spread_tools.refine.grid import energy_grid, interpolation_matrix
 from spread_tools.refine.mpi import Comm, rank_blocks
+from spread_tools.refine.prepare import build_pixel_model
 from spread_tools.refine.restraints import build_restraints
 from spread_tools.refine.uncertainty import FisherInformationMixin
 
@@ -43,7 +44,6 @@ class S1Problem(FisherInformationMixin):
     """
 
     def __init__(self, prepared, cache, cfg, comm=None, backend=None, grid_ev=None):
-        from spread_tools.model.pixel import PixelModel
         from spread_tools.physics.scattering import reference_fp_fdp
         self.comm = comm or Comm(None)
         self.cfg = cfg
@@ -99,9 +99,8 @@ class S1Problem(FisherInformationMixin):
         self.local = ds.select_lattices(np.arange(a, b)) if self.comm.size > 1 else ds
         self.pm = None
         if self.local.n_shoeboxes:
-            self.pm = PixelModel.from_dataset(self.local, backend=backend or cfg.backend)
+            self.pm = build_pixel_model(self.local, cfg, backend)
             self.h_rows = cache.index_of(self.pm.hkl)
-            self.xh, self.yh = self.pm.pixel_offsets_xy()
             k = self.pm.counts.astype(np.float64)
             m = self.pm.mask
             kk = k[m]

@@ -13,7 +13,7 @@ import numpy as np
 
 from spread_tools.errors import InputError
 
-__all__ = ["PreparedData", "prepare_data"]
+__all__ = ["PreparedData", "prepare_data", "build_pixel_model"]
 
 
 @dataclasses.dataclass
@@ -103,6 +103,30 @@ def prepare_data(datasets, cache, min_pixels=4):
         ds = ds.select_lattices(lat_used)
         sb_orig = sb_orig[order]
     return PreparedData(ds, lat_used, sb_orig, n_lat, n_sb, warnings)
+
+
+def build_pixel_model(ds, cfg, backend=None):
+    """The channel-banded pixel model of (one rank's part of) the prepared data.
+
+    Parameters
+    ----------
+    ds : Dataset
+        This rank's lattices.
+    cfg : Config
+        Effective configuration: ``backend``, ``pixel_model.band_rtol`` (the cut, a
+        relative tolerance on λ) and ``pixel_model.band_floor`` (:mod:`spread_tools.model.bands`).
+    backend : str, optional
+        Overrides ``cfg.backend``.
+
+    Returns
+    -------
+    spread_tools.model.pixel.PixelModel
+    """
+    from spread_tools.model.bands import check_floor, check_rtol
+    from spread_tools.model.pixel import PixelModel
+    rtol = check_rtol(cfg.pixel_model.band_rtol, "parameter pixel_model.band_rtol")
+    floor = check_floor(cfg.pixel_model.band_floor, "parameter pixel_model.band_floor")
+    return PixelModel.from_dataset(ds, backend=backend or cfg.backend, band_rtol=rtol, band_floor=floor)
 
 
 def _norm_sg(sg):

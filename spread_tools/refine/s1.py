@@ -63,7 +63,8 @@ rank-one term (:mod:`spread_tools.refine.calibration`): the posterior alone coun
 the restraints as information and is too small where they dominate the data
 (errors of 1.8σ rms at 40 lattices). The same Fisher computation gives the
 preconditioner of every macrocycle; it runs in channel space (per-shoebox
-Σ w wᵀ/λ, Numba) for up to 48 channels, per pixel (∂λ/∂u) above. The edge of each site is the
+Σ w wᵀ/λ over the shoebox's span of channel bands, Numba), whatever the number of
+channels. The edge of each site is the
 energy where f″ first crosses half its step ((f″(first) + f″(last))/2, linear
 interpolation between grid points) with its uncertainty propagated from the
 covariance of that site's f″.
@@ -100,6 +101,7 @@ import numpy as np
 
 from spread_tools.config import P
 from spread_tools.errors import InputError
+from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL
 from spread_tools.refine.calibration import calibrated_covariance, restraint_parts
 from spread_tools.refine.checkpoint import (
     Checkpointer,
@@ -164,6 +166,13 @@ REFINE_SCHEMA = {
                        "information"),
     },
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
+    "pixel_model": {
+        "band_rtol": P(DEFAULT_RTOL, "channel band cut: relative tolerance on lambda per pixel (times "
+                       "max I / min I over its channels)"),
+        "band_floor": P(DEFAULT_FLOOR, "no channel band for a pixel whose weight is below this fraction "
+                        "of its shoebox's brightest pixel; band_rtol=0 and band_floor=0 keep the exact "
+                        "dense result"),
+    },
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
         "keep": P(False, "keep the checkpoint after a converged run"),

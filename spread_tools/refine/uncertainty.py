@@ -5,6 +5,13 @@ local parameters (backgrounds per shoebox, then scales per lattice) profiled out
 (Schur complements), its diagonals for the optimizer's preconditioner, the covariance
 (pseudo-)inverse, and the edge position of f″ with its propagated uncertainty. See
 :mod:`spread_tools.refine.s1`, section *Uncertainties*.
+
+Both routes read the channel-banded weights of the pixel model
+(:mod:`spread_tools.model.bands`): the *channel* route (used by the refinement) forms,
+per shoebox, the moments Σ w wᵀ/λ over the shoebox's channel span only (the union of
+its pixels' bands), so its cost follows the bands, not the spectrum's length; the
+*pixel* route forms ∂λ/∂u per pixel from the bands (a cross-check, and the brute-force
+tests' reference).
 """
 
 from __future__ import annotations
@@ -17,87 +24,201 @@ import numpy as np
 __all__ = ["FisherInformationMixin", "edge_position"]
 
 
-@numba.njit(cache=True, parallel=True)
-def _shoebox_moments(w, W, S, bg, Gp, xh, yh, pix_off, k0, k1, C, V, u, Fbb, q, d):  # pragma: no cover
-    """Per-shoebox channel-space sums of shoeboxes k0:k1 (index k - k0 in the outputs).
-
-    C[k] = Σ W G² w wᵀ, V[k, a] = Σ W bg a_a G w, u[k] = Σ W G² S w, Fbb[k] = Σ W bg² a aᵀ,
-    q[k] = Σ W bg a G S, d[k] = Σ W (G S)², with a = (1, x̂, ŷ).
-    """
-    n_chan = w.shape[1]
-    for kk in numba.prange(k1 - k0):
-        k = k0 + kk
-        for p in range(pix_off[k], pix_off[k + 1]):
-            wp = W[p]
-            if wp == 0.0:
-                continue
-            g = Gp[p]
-            av = (1.0, xh[p], yh[p])
-            gs = g * S[p]
-            for c in range(n_chan):
-                wc = w[p, c]
-                if wc == 0.0:
-                    continue
-                f = wp * g * g * wc
-                for e in range(n_chan):
-                    C[kk, c, e] += f * w[p, e]
-                u[kk, c] += wp * g * gs * wc
-                for a in range(3):
-                    V[kk, a, c] += wp * bg[p] * av[a] * g * wc
+@numba.njit(cache=True)
+def _pinv_sym3(A, out):  # pragma: no cover - numba
+    """Pseudo-inverse of a symmetric 3×3 matrix (numpy.linalg.pinv(hermitian=True), rcond 1e-15)."""
+    evals, evecs = np.linalg.eigh(A)
+    cut = 1e-15 * max(abs(evals[0]), abs(evals[2]))
+    for a in range(3):
+        for b in range(3):
+            out[a, b] = 0.0
+    for e in range(3):
+        if abs(evals[e]) > cut:
+            inv = 1.0 / evals[e]
             for a in range(3):
-                q[kk, a] += wp * bg[p] * av[a] * gs
                 for b in range(3):
-                    Fbb[kk, a, b] += wp * bg[p] * bg[p] * av[a] * av[b]
-            d[kk] += wp * gs * gs
+                    out[a, b] += evecs[a, e] * inv * evecs[b, e]
 
-@numba.njit(cache=True, parallel=True)
-def _jacobian_kernel(w, dfp, dfdp, hp, Gp, k0, t, n_grid, out):  # pragma: no cover - numba
-    """out[p, s*n_grid + k] (fp) and out[p, n_fp + ...] (fdp): G Σ_c w[p,c] ∂I/∂u[s,c,h_p] M[c,k]."""
-    n_p, n_chan = w.shape
+
+@numba.njit(parallel=True, cache=True)
+def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb_h, span_lo, span_off, I, G, bg,
+                  dfp, dfdp, m_k0, m_t, n_grid, n_chunks, F_ch, dglob_ch, c_sb, dp_sb, d_sb, db_sb):  # pragma: no cover
+    """Channel-space Fisher information of every shoebox over its channel span.
+
+    Per shoebox k (span c0:c0+n, a = (1, x̂, ŷ), W = mask/λ): C = Σ W G² w wᵀ, V = Σ W bg a G wᵀ,
+    u = Σ W G² S w, Fbb = Σ W bg² a aᵀ, q = Σ W bg a G S, d = Σ W (G S)². Profiling the
+    background: Cp = C − Vᵀ Fbb⁺ V, up = u − Vᵀ Fbb⁺ q, dp = d − qᵀ Fbb⁺ q. With
+    B_i = diag(∂I_i/∂u) M over the span's grid points (i = site and kind), shoebox chunk
+    ``ch`` adds B_iᵀ Cp B_i' into ``F_ch[ch]`` and diag(B_iᵀ C B_i) into ``dglob_ch[ch]``;
+    ``c_sb[k]`` = Bᵀ up, ``dp_sb``, ``d_sb`` and ``db_sb`` = diag(Fbb) per shoebox. Chunks are
+    fixed ranges of shoeboxes (not threads): the sums do not depend on the thread count.
+    """
+    n_sb = len(sb_lat)
+    n_ref = dfp.shape[0]
+    n_i = 2 * n_ref
+    per = (n_sb + n_chunks - 1) // n_chunks
+    for ch in numba.prange(n_chunks):
+        for k in range(ch * per, min(n_sb, (ch + 1) * per)):
+            j = sb_lat[k]
+            h = sb_h[k]
+            g = G[j]
+            c0 = span_lo[k]
+            ns = span_off[k + 1] - span_off[k]
+            C = np.zeros((ns, ns))
+            V = np.zeros((3, ns))
+            u = np.zeros(ns)
+            Fbb = np.zeros((3, 3))
+            q = np.zeros(3)
+            d = 0.0
+            x0 = bbox[k, 0]
+            width = bbox[k, 1] - bbox[k, 0]
+            y0 = bbox[k, 2]
+            xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
+            yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
+            av = np.empty(3)
+            o = sb_offset[k]
+            wv = np.empty(max(ns, 1))
+            for p in range(pix_off[k], pix_off[k + 1]):
+                a0 = np.int64(lo[p]) - c0
+                n = np.int64(length[p])
+                if mask[p]:
+                    # views indexed by loop counters only: no wraparound tests, the loops vectorise
+                    vals = values[o:o + n]
+                    Ip = I[h, c0 + a0:c0 + a0 + n]
+                    s = 0.0
+                    for i in range(n):
+                        wv[i] = np.float64(vals[i])
+                        s += wv[i] * Ip[i]
+                    loc = p - pix_off[k]
+                    av[0] = 1.0
+                    av[1] = (x0 + loc % width) + 0.5 - xc
+                    av[2] = (y0 + loc // width) + 0.5 - yc
+                    bgp = math.exp(bg[k, 0] + bg[k, 1] * av[1] + bg[k, 2] * av[2])
+                    gs = g * s
+                    W = 1.0 / (gs + bgp)
+                    ub = u[a0:a0 + n]
+                    for i in range(n):
+                        wi = wv[i]
+                        f = W * g * g * wi
+                        Crow = C[a0 + i, a0:a0 + n]
+                        for e in range(n):
+                            Crow[e] += f * wv[e]
+                        ub[i] += W * g * gs * wi
+                    for a in range(3):
+                        Va = V[a, a0:a0 + n]
+                        fa = W * bgp * av[a] * g
+                        for i in range(n):
+                            Va[i] += fa * wv[i]
+                    for a in range(3):
+                        q[a] += W * bgp * av[a] * gs
+                        for b in range(3):
+                            Fbb[a, b] += W * bgp * bgp * av[a] * av[b]
+                    d += W * gs * gs
+                o += n
+            Finv = np.empty((3, 3))
+            _pinv_sym3(Fbb, Finv)
+            fq = Finv @ q
+            dp = d - (q[0] * fq[0] + q[1] * fq[1] + q[2] * fq[2])
+            d_sb[k] = d
+            dp_sb[k] = dp
+            for a in range(3):
+                db_sb[k, a] = Fbb[a, a]
+            if ns == 0:
+                continue
+            X = Finv @ V                                             # (3, ns)
+            Cp = C - V.T @ X
+            up = u - X.T @ q
+            g_lo = m_k0[c0]
+            n_gl = m_k0[c0 + ns - 1] + 2 - g_lo
+            B = np.zeros((n_i, ns, n_gl))
+            for c in range(ns):
+                cc = c0 + c
+                kc = m_k0[cc] - g_lo
+                t = m_t[cc]
+                for s_ in range(n_ref):
+                    vf = dfp[s_, cc, h]
+                    vd = dfdp[s_, cc, h]
+                    B[s_, c, kc] += vf * (1.0 - t)
+                    B[s_, c, kc + 1] += vf * t
+                    B[n_ref + s_, c, kc] += vd * (1.0 - t)
+                    B[n_ref + s_, c, kc + 1] += vd * t
+            for i2 in range(n_i):
+                Bi2 = np.ascontiguousarray(B[i2])
+                Z = Cp @ Bi2                                          # (ns, n_gl)
+                Zc = C @ Bi2
+                col2 = i2 * n_grid + g_lo
+                for a in range(n_gl):
+                    acc = 0.0
+                    cu = 0.0
+                    for c in range(ns):
+                        acc += Bi2[c, a] * Zc[c, a]
+                        cu += Bi2[c, a] * up[c]
+                    dglob_ch[ch, col2 + a] += acc
+                    c_sb[k, col2 + a] = cu
+                for i1 in range(n_i):
+                    blk = np.ascontiguousarray(B[i1]).T @ Z          # (n_gl, n_gl)
+                    col1 = i1 * n_grid + g_lo
+                    for a in range(n_gl):
+                        for b in range(n_gl):
+                            F_ch[ch, col1 + a, col2 + b] += blk[a, b]
+
+
+@numba.njit(parallel=True, cache=True)
+def _jacobian_bands(values, lo, length, sb_offset, pix_off, k0, k1, sb_h, dfp, dfdp, Gp, m_k0, m_t, n_grid,
+                    out):  # pragma: no cover - numba
+    """out[p − p0, s*n_grid + g] (fp) and out[p − p0, n_fp + ...] (fdp) = G Σ_band w ∂I/∂u M for the
+    pixels of shoeboxes k0:k1 (p0 their first pixel)."""
     n_ref = dfp.shape[0]
     n_fp = n_ref * n_grid
-    for p in numba.prange(n_p):
-        h = hp[p]
-        g = Gp[p]
-        for c in range(n_chan):
-            wc = g * w[p, c]
-            if wc == 0.0:
-                continue
-            a = wc * (1.0 - t[c])
-            b = wc * t[c]
-            k = k0[c]
-            for s in range(n_ref):
-                base = s * n_grid + k
-                v = dfp[s, c, h]
-                out[p, base] += a * v
-                out[p, base + 1] += b * v
-                v = dfdp[s, c, h]
-                out[p, n_fp + base] += a * v
-                out[p, n_fp + base + 1] += b * v
+    p0 = pix_off[k0]
+    for k in numba.prange(k0, k1):
+        h = sb_h[k]
+        o = sb_offset[k]
+        for p in range(pix_off[k], pix_off[k + 1]):
+            g = Gp[p]
+            n = np.int64(length[p])
+            for i in range(n):
+                c = np.int64(lo[p]) + i
+                wc = g * np.float64(values[o + i])
+                if wc == 0.0:
+                    continue
+                a = wc * (1.0 - m_t[c])
+                b = wc * m_t[c]
+                kk = m_k0[c]
+                for s in range(n_ref):
+                    base = s * n_grid + kk
+                    v = dfp[s, c, h]
+                    out[p - p0, base] += a * v
+                    out[p - p0, base + 1] += b * v
+                    v = dfdp[s, c, h]
+                    out[p - p0, n_fp + base] += a * v
+                    out[p - p0, n_fp + base + 1] += b * v
+            o += n
 
 
 class FisherInformationMixin:
     """Fisher-information methods of :class:`spread_tools.refine.objective.S1Problem`.
 
-    Expects the host class to provide the pixel model ``pm`` (or ``None``), the per-pixel
-    offsets ``xh``, ``yh``, the layout sizes ``n_glob``, ``n_ref``, ``n_grid``, the
-    channel energies ``channel_ev``, the interpolation matrix ``M_dense`` with its two
-    entries per row ``_m_k0``, ``_m_t``, and the methods ``_local_params`` and
-    ``_intensities``.
+    Expects the host class to provide the pixel model ``pm`` (or ``None``), the layout
+    sizes ``n_glob``, ``n_ref``, ``n_grid``, the channel energies ``channel_ev``, the two
+    entries of each row of the interpolation matrix ``_m_k0``, ``_m_t``, and the methods
+    ``_local_params`` and ``_intensities``.
     """
 
     def _pixel_terms(self, x):
-        """Per-pixel arrays at x: W = mask/λ, S (Bragg at G=1), bg, G per pixel, h row per pixel."""
+        """Per-pixel arrays at x (pixel route): W = mask/λ, S (Bragg at G=1), bg, G per pixel,
+        shoebox per pixel, x̂, ŷ, and ∂I/∂f′, ∂I/∂f″."""
         fp, fdp, g, b = self._local_params(x)
         I, dfp, dfdp = self._intensities(fp, fdp)
         G = np.exp(g)
         lam = self.pm.expected_counts(I, G, b)
         S = self.pm.bragg_counts(I)
         sb = self.pm.pixel_shoebox
-        bg = np.exp(b[sb, 0] + b[sb, 1] * self.xh + b[sb, 2] * self.yh)
+        xh, yh = self.pm.pixel_offsets_xy()
+        bg = np.exp(b[sb, 0] + b[sb, 1] * xh + b[sb, 2] * yh)
         W = np.where(self.pm.mask, 1.0 / lam, 0.0)
         Gp = G[self.pm.sb_lattice[sb]]
-        return W, S, bg, Gp, dfp, dfdp, sb
+        return W, S, bg, Gp, dfp, dfdp, sb, xh, yh
 
     def _chunks(self, max_pix=65536):
         off = self.pm.pixel_offset
@@ -109,34 +230,37 @@ class FisherInformationMixin:
             yield k, stop
             k = stop
 
-    def _jac_global(self, p0, p1, sb, Gp, dfp, dfdp, w):
-        """∂λ/∂(fp, fdp grid) of pixels p0:p1, (n_p, n_glob) (Numba, M's two entries per channel)."""
-        hp = np.ascontiguousarray(self.pm.sb_h_index[sb[p0:p1]])
+    def _jac_global(self, k0, k1, Gp, dfp, dfdp):
+        """∂λ/∂(fp, fdp grid) of the pixels of shoeboxes k0:k1, (n_p, n_glob), from the bands."""
+        pm = self.pm
+        b = pm.bands
+        p0, p1 = pm.pixel_offset[k0], pm.pixel_offset[k1]
         out = np.zeros((p1 - p0, self.n_glob))
-        _jacobian_kernel(w[p0:p1], np.ascontiguousarray(dfp), np.ascontiguousarray(dfdp), hp,
-                         np.ascontiguousarray(Gp[p0:p1]), self._m_k0, self._m_t, self.n_grid, out)
+        _jacobian_bands(b.host_values(), b.lo, b.length, b.sb_offset, pm.pixel_offset, k0, k1, pm.sb_h_index,
+                        np.ascontiguousarray(dfp), np.ascontiguousarray(dfdp), np.ascontiguousarray(Gp),
+                        self._m_k0, self._m_t, self.n_grid, out)
         return out
 
     def local_fisher_diag(self, x):
-        """Diagonal of this rank's Fisher information: (global (n_glob,), local (n_loc,))."""
+        """Diagonal of this rank's Fisher information (pixel route): (global (n_glob,), local (n_loc,))."""
         if self.pm is None:
             return np.zeros(self.n_glob), np.zeros(0)
-        W, S, bg, Gp, dfp, dfdp, sb = self._pixel_terms(x)
-        w = self.pm.w
+        W, S, bg, Gp, dfp, dfdp, sb, xh, yh = self._pixel_terms(x)
         dglob = np.zeros(self.n_glob)
         for k0, k1 in self._chunks():
             p0, p1 = self.pm.pixel_offset[k0], self.pm.pixel_offset[k1]
-            J = self._jac_global(p0, p1, sb, Gp, dfp, dfdp, w)
+            J = self._jac_global(k0, k1, Gp, dfp, dfdp)
             dglob += np.einsum("p,pi,pi->i", W[p0:p1], J, J)
         lat_pix = self.pm.sb_lattice[sb]
         dg = np.bincount(lat_pix, weights=W * (Gp * S) ** 2, minlength=self.pm.n_lat)
-        a = np.stack([np.ones_like(self.xh), self.xh, self.yh], axis=1)
+        a = np.stack([np.ones_like(xh), xh, yh], axis=1)
         starts = self.pm.pixel_offset[:-1]
         db = np.stack([np.add.reduceat(W * (bg * a[:, i]) ** 2, starts) for i in range(3)], axis=1)
         return dglob, np.concatenate([dg, db.ravel()])
 
     def local_fisher_profiled(self, x):
-        """This rank's global-block Fisher information with its local parameters profiled out.
+        """This rank's global-block Fisher information with its local parameters profiled out
+        (pixel route).
 
         Per shoebox the background block is eliminated (Schur complement), then per
         lattice the scale g; the result adds over lattices, hence over ranks.
@@ -148,21 +272,20 @@ class FisherInformationMixin:
         ng = self.n_glob
         if self.pm is None:
             return np.zeros((ng, ng))
-        W, S, bg, Gp, dfp, dfdp, sb = self._pixel_terms(x)
-        w = self.pm.w
+        W, S, bg, Gp, dfp, dfdp, sb, xh, yh = self._pixel_terms(x)
         F = np.zeros((ng, ng))
         n_lat = self.pm.n_lat
         c = np.zeros((n_lat, ng))
         d = np.zeros(n_lat)
         for k0, k1 in self._chunks(16384):
             p0, p1 = self.pm.pixel_offset[k0], self.pm.pixel_offset[k1]
-            Jg = self._jac_global(p0, p1, sb, Gp, dfp, dfdp, w)
+            Jg = self._jac_global(k0, k1, Gp, dfp, dfdp)
             gcol = Gp[p0:p1] * S[p0:p1]
             Jy = np.concatenate([Jg, gcol[:, None]], axis=1)                            # (n_p, ng+1)
             Wc = W[p0:p1]
             F += Jg.T @ (Wc[:, None] * Jg)
-            xa = self.xh[p0:p1]
-            ya = self.yh[p0:p1]
+            xa = xh[p0:p1]
+            ya = yh[p0:p1]
             Jb = bg[p0:p1, None] * np.stack([np.ones_like(xa), xa, ya], axis=1)        # (n_p, 3)
             starts = self.pm.pixel_offset[k0:k1] - p0
             WJb = Wc[:, None] * Jb
@@ -183,23 +306,22 @@ class FisherInformationMixin:
         F -= (c[ok] / d[ok, None]).T @ c[ok]
         return 0.5 * (F + F.T)
 
-    def _dense_D(self, h, dfp, dfdp):
-        """D[k] = ∂I[h_k, c]/∂u (n_k, n_chan, n_glob): diag(∂I/∂u_s) M per site and kind."""
-        ng = self.n_grid
-        D = np.zeros((len(h), len(self.channel_ev), self.n_glob))
-        for t, d in enumerate((dfp, dfdp)):
-            for s in range(self.n_ref):
-                col = (t * self.n_ref + s) * ng
-                D[:, :, col:col + ng] = d[s][:, h].T[:, :, None] * self.M_dense[None]
-        return D
-
-    def local_fisher(self, x, chunk=2048, route="auto"):
+    def local_fisher(self, x, chunk=64, route="auto"):
         """This rank's Fisher information (profiled global block and diagonals).
 
         Two routes give the same numbers (tested): ``"channel"`` accumulates per-shoebox
-        channel-space moments Σ w wᵀ/λ (cost ∝ pixels × channels², fast for the usual
-        ≤ 48 channels) and ``"pixel"`` forms ∂λ/∂u per pixel (cost ∝ pixels × n_glob²,
-        better for many channels, e.g. 101 channels of 1 eV); ``"auto"`` picks by channels.
+        channel-space moments Σ w wᵀ/λ over each shoebox's channel span (the union of its
+        pixels' bands; cost ∝ Σ_pixels band² plus per shoebox span² × grid points, whatever
+        the number of channels) and ``"pixel"`` forms ∂λ/∂u per pixel (cost ∝ pixels ×
+        n_glob², a cross-check); ``"auto"`` is the channel route.
+
+        Parameters
+        ----------
+        x : array (n_x,)
+        chunk : int
+            Number of fixed shoebox ranges the channel route sums separately (then in order;
+            the result does not depend on the number of threads).
+        route : {"auto", "channel", "pixel"}
 
         Returns
         -------
@@ -214,44 +336,33 @@ class FisherInformationMixin:
         ng = self.n_glob
         if self.pm is None:
             return np.zeros((ng, ng)), np.zeros(ng), np.zeros(0)
-        if route == "pixel" or (route == "auto" and self.pm.n_chan > 48):
+        if route == "pixel":
             dglob, dloc = self.local_fisher_diag(x)
             return self.local_fisher_profiled(x), dglob, dloc
-        W, S, bg, Gp, dfp, dfdp, sb = self._pixel_terms(x)
-        w = self.pm.w
-        n_chan = w.shape[1]
-        n_lat = self.pm.n_lat
-        F = np.zeros((ng, ng))
-        dglob = np.zeros(ng)
-        c = np.zeros((n_lat, ng))
-        dj = np.zeros(n_lat)
-        dg = np.zeros(n_lat)
-        db = np.zeros((self.pm.n_sb, 3))
-        off = np.ascontiguousarray(self.pm.pixel_offset)
-        for k0 in range(0, self.pm.n_sb, chunk):
-            k1 = min(k0 + chunk, self.pm.n_sb)
-            n = k1 - k0
-            C = np.zeros((n, n_chan, n_chan))
-            V = np.zeros((n, 3, n_chan))
-            u = np.zeros((n, n_chan))
-            Fbb = np.zeros((n, 3, 3))
-            q = np.zeros((n, 3))
-            d = np.zeros(n)
-            _shoebox_moments(w, W, S, bg, Gp, self.xh, self.yh, off, k0, k1, C, V, u, Fbb, q, d)
-            D = self._dense_D(self.pm.sb_h_index[k0:k1], dfp, dfdp)
-            CD = C @ D                                                        # (n, n_chan, ng)
-            dglob += np.einsum("kci,kci->i", D, CD)
-            Finv = np.linalg.pinv(Fbb, hermitian=True)
-            X = Finv @ V                                                      # (n, 3, n_chan)
-            Cp = C - np.einsum("kac,kae->kce", V, X)
-            F += D.reshape(-1, ng).T @ (Cp @ D).reshape(-1, ng)
-            up = u - np.einsum("kac,ka->kc", X, q)
-            dp = d - np.einsum("ka,kab,kb->k", q, Finv, q)
-            lat = self.pm.sb_lattice[k0:k1]
-            np.add.at(c, lat, np.einsum("kci,kc->ki", D, up))
-            np.add.at(dj, lat, dp)
-            np.add.at(dg, lat, d)
-            db[k0:k1] = np.diagonal(Fbb, axis1=1, axis2=2)
+        pm = self.pm
+        fp, fdp, g, b = self._local_params(x)
+        I, dfp, dfdp = self._intensities(fp, fdp)
+        G = np.exp(g)
+        n_sb = pm.n_sb
+        n_chunks = max(1, min(int(chunk), n_sb))
+        F_ch = np.zeros((n_chunks, ng, ng))
+        dglob_ch = np.zeros((n_chunks, ng))
+        c_sb = np.zeros((n_sb, ng))
+        dp_sb = np.zeros(n_sb)
+        d_sb = np.zeros(n_sb)
+        db = np.zeros((n_sb, 3))
+        bd = pm.bands
+        _fisher_bands(bd.host_values(), bd.lo, bd.length, bd.sb_offset, pm.pixel_offset, pm.bbox, pm.mask,
+                      pm.sb_lattice, pm.sb_h_index, pm.span_lo, pm.span_off, np.ascontiguousarray(I), G,
+                      np.ascontiguousarray(b), np.ascontiguousarray(dfp), np.ascontiguousarray(dfdp),
+                      self._m_k0, self._m_t, self.n_grid, n_chunks, F_ch, dglob_ch, c_sb, dp_sb, d_sb, db)
+        F = F_ch.sum(axis=0)
+        dglob = dglob_ch.sum(axis=0)
+        lat = pm.sb_lattice
+        c = np.zeros((pm.n_lat, ng))
+        np.add.at(c, lat, c_sb)
+        dj = np.bincount(lat, weights=dp_sb, minlength=pm.n_lat)
+        dg = np.bincount(lat, weights=d_sb, minlength=pm.n_lat)
         ok = dj > 1e-300
         F -= (c[ok] / dj[ok, None]).T @ c[ok]
         return 0.5 * (F + F.T), dglob, np.concatenate([dg, db.ravel()])

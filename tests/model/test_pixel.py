@@ -243,8 +243,17 @@ def test_channel_weights_pixel_major_matches_model(small):
     ds, pm = small
     w = channel_weights(ds, backend="cpu")
     assert w.dtype == np.float32 and w.shape == (ds.n_pixels, ds.n_channels)
-    assert np.array_equal(w, pm.w)
+    assert np.array_equal(w, PixelModel.from_dataset(ds, backend="cpu", band_rtol=0, band_floor=0).w)   # the exact cut
     assert np.array_equal(w, channel_weights(ds, backend="cpu"))   # bit-identical on repeat
+    # the default cut: the kept weights are the dense ones bit for bit, the dropped ones a tiny share
+    wb = pm.w
+    kept = wb != 0
+    assert np.array_equal(wb[kept], w[kept])
+    w64 = w.astype(np.float64)
+    dropped = np.sum(np.where(kept, 0.0, w64), axis=1)
+    peak = np.maximum.reduceat(w64.sum(axis=1), ds.pixel_offset[:-1])[pm.pixel_shoebox]
+    assert np.all(dropped <= pm.band_rtol * w64.sum(axis=1) + pm.band_floor * peak)
+    assert np.any(dropped > 0)
 
 
 def _spot_dataset(energy_ev, h0, N, pixel_mm, box, distance_mm=100.0, a=40.0, A=None):

@@ -496,3 +496,29 @@ def test_non_finite_trial_points_are_refused_not_fatal():
     assert not s1._is_finite(np.nan, np.zeros(3))
     assert not s1._is_finite(1.0, np.array([0.0, np.inf, 0.0]))
     assert s1._REFUSED_OBJECTIVE > 1e200 and np.isfinite(s1._REFUSED_OBJECTIVE)
+
+
+def test_channel_fisher_independent_of_chunks_and_close_to_the_exact_cut(full, cache):
+    """The banded channel-space Fisher does not depend on how shoeboxes are split into ranges
+    (beyond round-off), and the default cut changes it by far less than the exact cut's scale."""
+    ds = full.select_lattices([2, 7])
+    p = problem(ds, cache)
+    x = start_x(p)
+    F1, d1, l1 = p.local_fisher(x, chunk=1)
+    F2, d2, l2 = p.local_fisher(x, chunk=13)
+    scale = np.abs(F1).max()
+    assert scale > 0 and np.max(np.abs(F1 - F2)) < 1e-12 * scale
+    np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-14 * d1.max())
+    assert np.array_equal(l1, l2)
+    p0 = problem(ds, cache, "pixel_model.band_rtol=0", "pixel_model.band_floor=0")
+    assert p0.pm.bands.n_values > p.pm.bands.n_values          # the default cut stored fewer weights
+    F0, d0, _ = p0.local_fisher(x)
+    assert np.max(np.abs(F1 - F0)) < 1e-5 * scale
+    np.testing.assert_allclose(d1, d0, rtol=1e-5, atol=1e-9 * d0.max())
+
+
+def test_band_rtol_parameter_checked(tiny, cache):
+    with pytest.raises(InputError, match="pixel_model.band_rtol"):
+        problem(tiny, cache, "pixel_model.band_rtol=2")
+    with pytest.raises(InputError, match="pixel_model.band_floor"):
+        problem(tiny, cache, "pixel_model.band_floor=-1")

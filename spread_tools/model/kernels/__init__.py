@@ -1,8 +1,12 @@
 """Numba kernels of the pixel model (see ``spread_tools.model.pixel`` for the user-level API).
 
-* :mod:`spread_tools.model.kernels.cpu` — ``@numba.njit(parallel=True, cache=True)`` kernels.
-* :mod:`spread_tools.model.kernels.cuda` — ``@numba.cuda.jit`` kernels (import works without a
-  GPU; they run under ``NUMBA_ENABLE_CUDASIM=1``).
+* :mod:`spread_tools.model.kernels.cpu` — the dense channel-weight kernel
+  (``@numba.njit(parallel=True, cache=True)``).
+* :mod:`spread_tools.model.kernels.cuda` — its ``@numba.cuda.jit`` twin and the fixed-order
+  reductions (import works without a GPU; they run under ``NUMBA_ENABLE_CUDASIM=1``).
+* :mod:`spread_tools.model.kernels.bands_cpu`, :mod:`spread_tools.model.kernels.bands_cuda` — the
+  channel-banded pixel model: bands built from the closed-form window of every pixel,
+  the NLL/gradient pass, λ, on the CPU and the GPU with the same answers.
 
 Both take the same flat arrays (all float64 unless noted):
 
@@ -21,10 +25,9 @@ shoeboxes
 channels
     ``inv_lam`` (n_chan,) = E_c / hc in Å⁻¹.
 
-Layout of the channel weights ``w`` (float32): CPU ``(n_pix, n_chan)`` row-major (a
-pixel's channels are contiguous: one streaming pass per shoebox); CUDA keeps it
-channel-major ``(n_chan, n_pix)`` on the device so that consecutive threads
-(pixels) read consecutive addresses for each channel (coalesced).
+Layout of the dense channel weights ``w`` (float32): ``(n_pix, n_chan)`` row-major
+(CUDA: flat, ``p*stride_p + c*stride_c``). The banded layout is described in
+:mod:`spread_tools.model.bands`.
 """
 
 #: 0.63 of nanoBragg's Gaussian shape transform.

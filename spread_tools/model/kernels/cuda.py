@@ -3,22 +3,13 @@
 Importing this module needs no GPU (kernels compile on first launch); under
 ``NUMBA_ENABLE_CUDASIM=1`` they run in Numba's CUDA simulator.
 
-Argument conventions are those of :mod:`spread_tools.model.kernels`. Layout on the
-device: channel weights are a flat float32 array indexed ``p*stride_p + c*stride_c``;
-the model keeps them channel-major (``stride_p = 1``, ``stride_c = n_pix``) so
-that the threads of a warp (consecutive pixels) read consecutive addresses.
-
-Work split: one block of :data:`TPB` threads per shoebox. The model kernel walks
-the shoebox in chunks of TPB pixels; phase 1 (thread per pixel) computes λ and
-r = 1 − k/λ; phase 2 accumulates ∂NLL/∂I[h, c] = G Σ_p r_p w[p, c] with warp
-``c mod n_warps`` handling channel c and each lane keeping its own partial sum in
-shared memory (the chunk's w is still in L1/L2, so w is read from DRAM once).
-All per-shoebox sums are finished in a fixed order; the sums over shoeboxes
-(per lattice, per distinct h, total NLL) are done by :func:`reduce_by_csr` in a
-fixed order too, so results are deterministic on the GPU as well (no atomics).
-Shared memory: 6 KB static plus ``8·n_chan·33`` bytes dynamic (7 KB for 26
-channels), so up to 16 blocks (2048 threads) fit on an SM. At most
-:data:`MAX_CHAN` channels.
+Argument conventions are those of :mod:`spread_tools.model.kernels`. The dense
+channel weights (:func:`channel_weights`, used by the simulator through
+:func:`spread_tools.model.pixel.channel_weights`) are a flat float32 array indexed
+``p*stride_p + c*stride_c``, one block of :data:`TPB` threads per shoebox. The model
+itself is channel-banded: :mod:`spread_tools.model.kernels.bands_cuda`, which also
+uses the fixed-order reductions :func:`reduce_by_csr` and :func:`sum_fixed_order`
+here (no atomics: results are deterministic on the GPU as well).
 """
 
 import math
@@ -30,10 +21,6 @@ from spread_tools.model.kernels import GAUSS_SHAPE_CONST, R_E2_A2
 
 #: Threads per block (one block per shoebox).
 TPB = 128
-#: Most spectrum channels the CUDA model kernel handles (shared-memory size).
-MAX_CHAN = 128
-_WARP = 32
-_NWARP = TPB // _WARP
 _TWO_OVER_C = 2.0 / GAUSS_SHAPE_CONST
 
 
@@ -99,121 +86,6 @@ def channel_weights(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast,
                     acc += wgt * s
             w[p * stride_p + c * stride_c] = R_E2_A2 * phi[j, c] * acc / n_dom
         p += TPB
-
-
-@cuda.jit
-def model_per_shoebox(w, n_pix, counts, mask, pix_off, bbox, sb_lat, sb_h, I, G, bg, want_grad, want_lam,
-                      lam_out, nll_sb, dG_sb, dbg_sb, dI_sb):
-    """Per-shoebox λ, NLL and gradients; ``w`` flat channel-major (index c*n_pix + p)."""
-    k = cuda.blockIdx.x
-    t = cuda.threadIdx.x
-    lane = t % _WARP
-    warp = t // _WARP
-    # dynamic shared memory (model_shared_bytes(n_chan)): per-lane dI partials [c*32 + lane], then I[h, :]
-    dyn = cuda.shared.array(0, float64)
-    n_chan = I.shape[1]
-    sh_I = dyn[n_chan * _WARP:]
-    sh_acc = dyn
-    sh_r = cuda.shared.array(TPB, float64)
-    sh_red = cuda.shared.array((5, TPB), float64)
-    j = sb_lat[k]
-    h = sb_h[k]
-    g = G[j]
-    b0 = bg[k, 0]
-    b1 = bg[k, 1]
-    b2 = bg[k, 2]
-    x0 = bbox[k, 0]
-    width = bbox[k, 1] - bbox[k, 0]
-    y0 = bbox[k, 2]
-    xc = 0.5 * (bbox[k, 0] + bbox[k, 1])
-    yc = 0.5 * (bbox[k, 2] + bbox[k, 3])
-    c = t
-    while c < n_chan:
-        sh_I[c] = I[h, c]
-        for i in range(_WARP):
-            sh_acc[c * _WARP + i] = 0.0
-        c += TPB
-    cuda.syncthreads()
-    nll = 0.0
-    dg = 0.0
-    db0 = 0.0
-    db1 = 0.0
-    db2 = 0.0
-    p0 = pix_off[k]
-    p1 = pix_off[k + 1]
-    start = p0
-    while start < p1:
-        p = start + t
-        rg = 0.0
-        if p < p1:
-            s = 0.0
-            for c in range(n_chan):
-                s += float64(w[c * n_pix + p]) * sh_I[c]
-            loc = p - p0
-            xh = (x0 + loc % width) + 0.5 - xc
-            yh = (y0 + loc // width) + 0.5 - yc
-            bgp = math.exp(b0 + b1 * xh + b2 * yh)
-            lam = g * s + bgp
-            if want_lam:
-                lam_out[p] = lam
-            if mask[p]:
-                kk = float64(counts[p])
-                if kk != 0.0:
-                    nll += lam - kk * math.log(lam)
-                else:
-                    nll += lam
-                r = 1.0 - kk / lam
-                dg += r * s
-                rb = r * bgp
-                db0 += rb
-                db1 += rb * xh
-                db2 += rb * yh
-                rg = r * g
-        sh_r[t] = rg
-        cuda.syncthreads()
-        if want_grad:
-            n_here = min(TPB, p1 - start)
-            c = warp
-            while c < n_chan:
-                part = 0.0
-                i = lane
-                while i < n_here:
-                    part += sh_r[i] * float64(w[c * n_pix + start + i])
-                    i += _WARP
-                sh_acc[c * _WARP + lane] += part
-                c += _NWARP
-        cuda.syncthreads()
-        start += TPB
-    sh_red[0, t] = nll
-    sh_red[1, t] = dg
-    sh_red[2, t] = db0
-    sh_red[3, t] = db1
-    sh_red[4, t] = db2
-    cuda.syncthreads()
-    if t < 5:
-        tot = 0.0
-        for i in range(TPB):
-            tot += sh_red[t, i]
-        if t == 0:
-            nll_sb[k] = tot
-        elif want_grad:
-            if t == 1:
-                dG_sb[k] = tot
-            else:
-                dbg_sb[k, t - 2] = tot
-    if want_grad:
-        c = t
-        while c < n_chan:
-            tot = 0.0
-            for i in range(_WARP):
-                tot += sh_acc[c * _WARP + i]
-            dI_sb[k, c] = tot
-            c += TPB
-
-
-def model_shared_bytes(n_chan):
-    """Dynamic shared memory of :func:`model_per_shoebox` for ``n_chan`` channels (launch argument)."""
-    return 8 * n_chan * (_WARP + 1)
 
 
 @cuda.jit
