@@ -5,12 +5,15 @@ Examples::
     plot_curves result.h5 --truth dataset.h5 -o curves.png
     plot_curves sauter.h5 kk.h5 --label Sauter --label KK --table Fe.dat -o compare.pdf
     plot_curves result.h5 -o curves.png --gallery dataset.h5 --sf-cache sf_cache.h5
+    plot_curves result.h5 -o curves.png --convergence
 
 Each result is drawn with its ±1σ band; ``--truth`` (a simulated dataset) adds
 the ground truth and residual panels (result − truth); ``--table`` adds
 reference curves (any format ``kk_check`` reads). ``--gallery`` writes a second
 figure ``<output stem>_gallery<suffix>`` with the strongest shoeboxes: data,
-model at the refined values, and normalised residual.
+model at the refined values, and normalised residual. ``--convergence`` writes
+``<output stem>_convergence<suffix>``: the objective and the largest gradient
+(σ units) of every L-BFGS iteration, macrocycles marked.
 """
 
 from pathlib import Path
@@ -60,6 +63,10 @@ Gallery = Annotated[Optional[list[Path]], typer.Option(
     "--gallery", help="Dataset(s) the (first) result was refined from: also draw a shoebox "
                       "gallery (needs --sf-cache).")]
 SfCache = Annotated[Optional[Path], typer.Option("--sf-cache", help="SF cache (for --gallery).")]
+Convergence = Annotated[bool, typer.Option(
+    "--convergence", help="Also draw the convergence trace of the result(s): objective and "
+                          "largest gradient (sigma units) per iteration, macrocycles marked, "
+                          "into <output stem>_convergence<suffix>.")]
 
 app = make_app(SCRIPT, "Plot refined f'(E), f''(E) (e-) per site against energy (eV) with "
                        "+-1 sigma bands; several results overlaid; optional truth (with residual "
@@ -70,7 +77,8 @@ app = make_app(SCRIPT, "Plot refined f'(E), f''(E) (e-) per site against energy 
 @app.command(**command_settings(SCHEMA))
 def run(words: Words = None, output: Output = None, truth: Truth = None, table: Table = None,
         label: Label = None, gallery: Gallery = None, sf_cache: SfCache = None,
-        config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False):
+        convergence: Convergence = False, config: ConfigFile = None, show_config: ShowConfig = False,
+        overwrite: Overwrite = False):
     """Plot f'(E), f''(E) (e-) per site against energy (eV) with +-1 sigma bands.
 
     Several results overlaid (--label each), optional truth from a simulated dataset
@@ -96,12 +104,19 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
         if output is None:
             raise InputError("command line: give the figure file with -o FILE.png (or .pdf)")
         output = Path(output)
+        lo, hi = cfg.energy.min_ev, cfg.energy.max_ev
+        if lo is not None and hi is not None and not lo < hi:
+            raise InputError(f"parameters energy.min_ev={lo:g}, energy.max_ev={hi:g}: the left end "
+                             f"of the energy axis must be below the right end (eV)")
         labels = list(label or [])
         if len(labels) > len(files):
             raise InputError(f"command line: {len(labels)} --label for {len(files)} result(s)")
         outputs = [output] + [output.with_suffix("." + f.lower().lstrip(".")) for f in cfg.also]
         gal_out = output.with_name(output.stem + "_gallery" + output.suffix) if gallery else None
-        for o in outputs + ([gal_out] if gal_out else []):
+        conv_out = output.with_name(output.stem + "_convergence" + output.suffix) if convergence else None
+        if convergence and not files:
+            raise InputError("command line: --convergence needs at least one result file")
+        for o in outputs + [p for p in (gal_out, conv_out) if p]:
             if o.suffix.lower() not in (".png", ".pdf", ".svg"):
                 raise InputError(f"{o}: unknown figure format (use .png, .pdf or .svg)")
             check_writable(o, overwrite)
@@ -124,6 +139,12 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
         for o in outputs:
             save_figure(fig, o, overwrite=overwrite, dpi=cfg.dpi)
             typer.echo(f"{SCRIPT}: wrote {o}")
+        if convergence:
+            from spread_tools.plots import plot_convergence
+            from spread_tools.refine.s1 import read_result
+            cfig = plot_convergence([read_result(f) for f in files], labels=labels)
+            save_figure(cfig, conv_out, overwrite=overwrite, dpi=cfg.dpi)
+            typer.echo(f"{SCRIPT}: wrote {conv_out}")
         if gallery:
             from spread_tools.io.dataset import Dataset
             from spread_tools.structure.cache import SFCache

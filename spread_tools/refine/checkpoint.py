@@ -48,8 +48,10 @@ def _write_checkpoint(path, state):
         h5.attrs["converged"] = bool(state["converged"])
         h5.attrs["message"] = state["message"]
         h5.create_dataset("x", data=state["x"])
-        for k in ("objective", "gradient_norm", "time_s"):
-            h5.create_dataset(f"history/{k}", data=np.asarray(state["history"][k], dtype=np.float64))
+        for k, v in state["history"].items():
+            h5.create_dataset(f"history/{k}", data=np.asarray(v, dtype=np.float64))
+        for k, v in state.get("convergence", {}).items():
+            h5.create_dataset(f"convergence/{k}", data=np.asarray(v, dtype=np.float64))
         write_strings(h5, "site_names", state["site_names"])
 
 
@@ -67,8 +69,10 @@ def _read_checkpoint(path, config, fingerprint, n_x):
         x = read_array(h5, "x", np.float64)
         if x.shape != (n_x,):
             raise InputError(f"{path}: checkpoint holds {x.size} parameters, expected {n_x}")
-        hist = {k: list(read_array(h5, f"history/{k}", np.float64))
-                for k in ("objective", "gradient_norm", "time_s")}
+        hist = {k: list(read_array(h5, f"history/{k}", np.float64)) for k in h5["history"]}
+        conv = {k: list(read_array(h5, f"convergence/{k}", np.float64))
+                for k in (h5["convergence"] if "convergence" in h5 else ())}
         return {"x": x, "macrocycle": int(h5.attrs["macrocycle"]), "history": hist,
+                "convergence": conv,
                 "converged": bool(h5.attrs.get("converged", False)),
                 "message": str(h5.attrs.get("message", ""))}

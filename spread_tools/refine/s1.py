@@ -28,16 +28,44 @@ at the channel energies of the dataset's distinct Miller indices, then Mᵀ.
 Optimizer
 ---------
 L-BFGS-B (scipy) on the whole vector (global and local parameters together),
-in *macrocycles* of at most ``optimizer.iterations`` iterations. At the start
-of each macrocycle every parameter is rescaled by the inverse square root of
-the diagonal of the Fisher information (plus the restraints' exact Hessian),
-so the variables are in units of their own standard uncertainty. Convergence:
-the largest |∂f/∂z| over all rescaled variables z is at most
+in *macrocycles* of at most ``optimizer.iterations`` iterations. Each macrocycle
+starts with an exact fit of the local parameters at the current curves
+(:func:`spread_tools.refine.local_fit.fit_locals`: Fisher scoring per lattice on its g
+and backgrounds, a block-coordinate step that never raises the objective); then every
+parameter is rescaled by the inverse square root of the diagonal of the Fisher
+information (plus the restraints' exact Hessian and the ln G prior's curvature), so the
+variables are in units of their own standard uncertainty. Convergence: the largest
+|∂f/∂z| over all rescaled variables z (projected on the bounds) is at most
 ``optimizer.gtol`` (default 1e-3: a 1σ move changes the objective by less than
-0.001), or a macrocycle that no longer lowers the objective (round-off). A
+0.001). A run also stops when a whole macrocycle (local fit and L-BFGS) no longer lowers
+the objective by more than 1e-12 of its value: round-off, reported as such with the
+gradient reached. Every macrocycle is recorded in the result (``convergence/``: objective
+before and after, the drop of the local fit, largest gradient, iterations, evaluations,
+L-BFGS-B status, time); ``plot_curves --convergence`` draws the trace. A
 checkpoint is written after every macrocycle; since a macrocycle restarts
 L-BFGS from its first point, ``--resume`` from a checkpoint follows exactly the
 same path as an uninterrupted run (bit for bit on the same machine and ranks).
+
+Scales and backgrounds are kept well-posed, so that every trial point is finite:
+
+* a weak Gaussian prior on ln G per lattice, ``(g_j − μ)² / (2 σ_G²)`` with
+  ``lattice.ln_G_sigma`` = σ_G (default 2: a factor 7 in G at 1σ) and μ the median over
+  all lattices of ln G fitted at the start curves. For a lattice with Bragg signal it is
+  negligible (its curvature 1/σ_G² = 0.25 against a data information of 10²–10⁴); a
+  lattice without signal (whose likelihood alone drives G to 0 with a gradient that never
+  falls in σ units) stays near μ instead. ``lattice.ln_G_sigma=None`` switches it off;
+* a weak Gaussian prior N(0, σ_s²) on the background slopes b1, b2 of every shoebox
+  (``shoebox.slope_sigma`` = σ_s, default 0.1 per pixel: a factor 2.5 across a 19-pixel
+  shoebox at 1σ, where the water ring changes the background by ~1.4). A shoebox with a
+  few photons otherwise puts its whole background into one corner (slopes → ±∞);
+* bounds (L-BFGS-B box constraints): |g − μ| ≤ 30, |b0| ≤ 15 (3·10⁻⁷ to 3·10⁶ photons
+  per pixel), |b1|, |b2| ≤ 2 per pixel, so that G and the backgrounds cannot overflow
+  (λ stays positive and finite by construction; no pixel is ever dropped). An empty
+  shoebox's background (likelihood optimum 0) stops on its lower bound instead of
+  walking to −∞; other points on a bound at the end are named in the log and the
+  result's warnings;
+* lattices with fewer than ``lattice.min_shoeboxes`` usable shoeboxes are left out
+  (warning; counted in the log and the result's ``dropped``).
 
 MPI
 ---
@@ -104,11 +132,12 @@ from spread_tools.refine.driver import (
     _CMD_DIAG,
     _CMD_EVAL,
     _CMD_FISHER,
+    _CMD_LOCALS,
     _Driver,
     _Preconditioner,
 )
 from spread_tools.refine.mpi import get_comm
-from spread_tools.refine.objective import S1Problem
+from spread_tools.refine.objective import BOUND_B0, BOUND_LN_G, BOUND_SLOPE, S1Problem
 from spread_tools.refine.prepare import prepare_data
 from spread_tools.refine.restraints import RESTRAINT_SCHEMA
 from spread_tools.refine.uncertainty import _invert, edge_position
@@ -147,7 +176,21 @@ REFINE_SCHEMA = {
     },
     "shoebox": {
         "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
+        "slope_sigma": P(0.1, "sigma of the weak Gaussian prior N(0, sigma^2) on the background "
+                         "slopes b1, b2 (ln background per pixel; None: no prior)", optional=True),
     },
+    "lattice": {
+        "min_shoeboxes": P(3, "drop lattices with fewer usable shoeboxes (with a warning; "
+                           "counted in the result)"),
+        "ln_G_sigma": P(2.0, "sigma of the weak Gaussian prior on ln G of every lattice, about "
+                        "the median ln G fitted at the start curves (None: no prior)",
+                        optional=True),
+    },
+    "control": P(None, "negative control: permute_miller (Miller indices of the SF cache "
+                 "randomly permuted) or shuffle_channels (spectrum channels shuffled per "
+                 "lattice); both must erase the edge (None: the normal refinement)", type=str,
+                 choices=("permute_miller", "shuffle_channels"), optional=True),
+    "control_seed": P(1, "random seed of the control's permutations"),
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
     "checkpoint": {
         "path": P(None, "checkpoint file (None: <output>.ckpt.h5)", type=str),
@@ -186,6 +229,11 @@ class RefineResult:
     sf_cache: str = ""
     warnings: list = dataclasses.field(default_factory=list)
     x: np.ndarray = None
+    convergence: dict = dataclasses.field(default_factory=dict)
+    dropped: dict = dataclasses.field(default_factory=dict)
+    control: str = None
+    edge_step: np.ndarray = None
+    edge_step_sigma: np.ndarray = None
 
 
 def _start_curves(cfg, problem):
@@ -240,11 +288,16 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
         The result on rank 0, ``None`` on the other ranks.
     """
     from spread_tools.progress import progress
+    from spread_tools.refine.controls import apply_control
     comm = comm or get_comm()
     root = comm.rank == 0
     say = (log or (lambda s: None)) if root else (lambda s: None)
     t_start = time.perf_counter()
-    prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels)
+    check_optimizer_config(cfg)
+    datasets, cache = apply_control(datasets, cache, cfg.control, cfg.control_seed)
+    if cfg.control is not None:
+        say(f"control {cfg.control} (seed {cfg.control_seed}): the edge must vanish")
+    prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels, cfg.lattice.min_shoeboxes)
     for w in prepared.warnings:
         say(f"warning: {w}")
     problem = S1Problem(prepared, cache, cfg, comm, backend=backend)
@@ -273,9 +326,69 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
 _REFUSED_OBJECTIVE = 1e300
 
 
+
+def check_optimizer_config(cfg):
+    """InputError for optimizer and lattice settings that cannot work (one line each)."""
+    o = cfg.optimizer
+    for key, v in (("iterations", o.iterations), ("max_macrocycles", o.max_macrocycles),
+                   ("memory", o.memory)):
+        if v < 1:
+            raise InputError(f"parameter optimizer.{key}: must be at least 1, got {v}")
+    if not (o.gtol > 0 and np.isfinite(o.gtol)):
+        raise InputError(f"parameter optimizer.gtol: must be a positive number, got {o.gtol:g}")
+    if cfg.lattice.min_shoeboxes < 1:
+        raise InputError(f"parameter lattice.min_shoeboxes: must be at least 1, got "
+                         f"{cfg.lattice.min_shoeboxes}")
+    sg = cfg.lattice.ln_G_sigma
+    if sg is not None and not (sg > 0 and np.isfinite(sg)):
+        raise InputError(f"parameter lattice.ln_G_sigma: must be positive (or None: no prior), "
+                         f"got {sg:g}")
+    ss = cfg.shoebox.slope_sigma
+    if ss is not None and not (ss > 0 and np.isfinite(ss)):
+        raise InputError(f"parameter shoebox.slope_sigma: must be positive (or None: no prior), "
+                         f"got {ss:g}")
+    if cfg.shoebox.min_pixels < 1:
+        raise InputError(f"parameter shoebox.min_pixels: must be at least 1, got {cfg.shoebox.min_pixels}")
+
+
+def _projected(gz, z, zlo, zhi):
+    """Gradient with the components that push out of an active bound set to 0."""
+    out = gz.copy()
+    out[(z <= zlo) & (gz > 0)] = 0.0
+    out[(z >= zhi) & (gz < 0)] = 0.0
+    return out
+
+
 def _is_finite(f, g):
     """True when the objective and every gradient component are finite numbers."""
     return bool(np.isfinite(f)) and bool(np.all(np.isfinite(g)))
+
+
+CONVERGENCE_KEYS = ("objective_start", "objective_end", "local_fit_drop", "gradient_max",
+                    "iterations", "evaluations", "lbfgs_status", "time_s")
+
+
+def _z_bounds(pre, x_lo, x_hi, n_glob):
+    z_lo = np.full(len(x_lo), -np.inf)
+    z_hi = np.full(len(x_hi), np.inf)
+    z_lo[n_glob:] = x_lo[n_glob:] / pre.s
+    z_hi[n_glob:] = x_hi[n_glob:] / pre.s
+    return z_lo, z_hi
+
+
+def _at_bounds(p, x, x_lo, x_hi):
+    """Short text naming the parameters that sit on a bound ('' when none)."""
+    on = (x <= x_lo) | (x >= x_hi)
+    ng, nl = p.n_glob, p.n_lat
+    n_g = int(on[ng:ng + nl].sum())
+    b = x[ng + nl:].reshape(-1, 3)
+    on_b = on[ng + nl:].reshape(-1, 3)
+    empty = int(np.sum(on_b[:, 0] & (b[:, 0] <= x_lo[ng + nl])))
+    other = int(on_b.sum()) - empty
+    parts = ([f"{n_g} ln G"] if n_g else []) + \
+        ([f"{empty} shoebox background levels at the lower bound (shoeboxes without photons to "
+          f"speak of)"] if empty else []) + ([f"{other} other background parameters"] if other else [])
+    return ", ".join(parts)
 
 
 def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress, prepared,
@@ -283,13 +396,17 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
     p = problem
     config = _answer_config(cfg)
     fingerprint = _fingerprint(prepared, p.cache, cfg)
-    history = {"objective": [], "gradient_norm": [], "time_s": []}
+    history = {"objective": [], "gradient_norm": [], "time_s": [], "macrocycle": []}
+    conv = {k: [] for k in CONVERGENCE_KEYS}
     state = None
     if resume and checkpoint is not None and Path(checkpoint).exists():
         state = _read_checkpoint(checkpoint, config, fingerprint, p.n_x)
         say(f"resuming from {checkpoint}: macrocycle {state['macrocycle']} done")
+        drv.start(curves)          # collective; sets the ln G prior's centre (x is the checkpoint's)
         x = state["x"]
         history = state["history"]
+        history.setdefault("macrocycle", [])
+        conv = {k: list(state.get("convergence", {}).get(k, [])) for k in CONVERGENCE_KEYS}
         macro = state["macrocycle"]
         done = state["converged"]
         message = state["message"]
@@ -300,58 +417,89 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         macro = 0
         done = False
         message = ""
+    mu = float(p.lnG_mu)
+    prior = p.lnG_prior()
+    say(f"ln G prior: " + (f"centre {mu:.4f} (median of the start fit), sigma {prior[1]:g}"
+                           if prior is not None else "off") +
+        f"; bounds |g - centre| <= {BOUND_LN_G:g}, |b0| <= {BOUND_B0:g}, |b1|,|b2| <= {BOUND_SLOPE:g}")
     t0 = time.perf_counter() - (history["time_s"][-1] if history["time_s"] else 0.0)
     gtol = float(cfg.optimizer.gtol)
     last = {}
+    x_lo, x_hi = p.local_bounds()
+    x = np.clip(x, x_lo, x_hi)
 
     def fun(z, pre):
         xx = pre.to_x(z)
         f, g = drv.call(_CMD_EVAL, xx)
         if not _is_finite(f, g):
-            # A trial step so long that λ overflows: refuse the point, the line search backs off.
+            # cannot happen inside the bounds; refused rather than fatal if it ever does
             return _REFUSED_OBJECTIVE, np.zeros_like(z)
-        last["f"], last["g"] = f, g
+        last["f"], last["g"], last["z"] = f, g, z
         return f, pre.grad_z(g)
 
     bar = progress(total=None, desc="S1", quiet=quiet, unit="it")
+    gmax = float("nan")
     while not done and macro < cfg.optimizer.max_macrocycles:
-        pre = _Preconditioner(*drv.call(_CMD_DIAG, x), p.n_glob)
+        t_mc = time.perf_counter()
+        n_eval0 = drv.n_eval
         f_before, _ = drv.call(_CMD_EVAL, x)
+        x_loc = np.clip(drv.call(_CMD_LOCALS, x), x_lo, x_hi)
+        f_loc, _ = drv.call(_CMD_EVAL, x_loc)
+        if f_loc <= f_before:
+            x = x_loc
+        else:
+            f_loc = f_before
+        pre = _Preconditioner(*drv.call(_CMD_DIAG, x), p.n_glob)
+        z_lo, z_hi = _z_bounds(pre, x_lo, x_hi, p.n_glob)
 
         def callback(intermediate_result=None, _pre=pre):
-            gn = float(np.max(np.abs(_pre.grad_z(last["g"]))))
+            gn = float(np.max(np.abs(_projected(_pre.grad_z(last["g"]), last["z"], z_lo, z_hi))))
             history["objective"].append(float(last["f"]))
             history["gradient_norm"].append(gn)
             history["time_s"].append(time.perf_counter() - t0)
+            history["macrocycle"].append(float(macro + 1))
             it = len(history["objective"])
             bar.update(1)
             say(f"iter {it:5d}  objective {last['f']:.10e}  |grad|max {gn:.3e} (sigma units)  "
                 f"time {history['time_s'][-1]:.2f} s")
 
+        z0 = np.clip(pre.to_z(x), z_lo, z_hi)
         res = scipy.optimize.minimize(
-            fun, pre.to_z(x), args=(pre,), jac=True, method="L-BFGS-B", callback=callback,
+            fun, z0, args=(pre,), jac=True, method="L-BFGS-B", callback=callback,
+            bounds=scipy.optimize.Bounds(z_lo, z_hi),
             options={"maxiter": int(cfg.optimizer.iterations), "maxcor": int(cfg.optimizer.memory),
                      "gtol": gtol, "ftol": 1e-15, "maxls": 40})
-        x = pre.to_x(res.x)
+        z = np.clip(res.x, z_lo, z_hi)
+        x = pre.to_x(z)
         macro += 1
         f_after, g_after = drv.call(_CMD_EVAL, x)
-        gmax = float(np.max(np.abs(pre.grad_z(g_after))))
-        say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e}, |grad|max {gmax:.3e}, "
-            f"{res.nit} iterations ({res.message if isinstance(res.message, str) else res.message})")
+        gmax = float(np.max(np.abs(_projected(pre.grad_z(g_after), z, z_lo, z_hi))))
+        lbfgs = res.message if isinstance(res.message, str) else str(res.message)
+        say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e} (local fit "
+            f"{f_before - f_loc:.4g}), |grad|max {gmax:.3e}, {res.nit} iterations ({lbfgs})")
+        for k, v in (("objective_start", f_before), ("objective_end", f_after),
+                     ("local_fit_drop", f_before - f_loc), ("gradient_max", gmax),
+                     ("iterations", res.nit), ("evaluations", drv.n_eval - n_eval0),
+                     ("lbfgs_status", res.status), ("time_s", time.perf_counter() - t_mc)):
+            conv[k].append(float(v))
         if gmax <= gtol:
             done, message = True, f"converged: |grad|max {gmax:.3e} <= gtol {gtol:g}"
         elif not f_after < f_before - 1e-12 * max(1.0, abs(f_before)):
             done, message = True, (f"stopped: objective no longer decreases (round-off), "
-                                        f"|grad|max {gmax:.3e}")
+                                   f"|grad|max {gmax:.3e}")
         else:
             message = f"not converged after {macro} macrocycles: |grad|max {gmax:.3e} > gtol {gtol:g}"
         if checkpoint is not None:
             _write_checkpoint(checkpoint, {"config": config, "fingerprint": fingerprint,
                                            "macrocycle": macro, "converged": done,
                                            "message": message, "x": x, "history": history,
-                                           "site_names": p.site_names})
+                                           "convergence": conv, "site_names": p.site_names})
     bar.close()
     say(message)
+    at_bound = _at_bounds(p, x, x_lo, x_hi)
+    if at_bound:
+        prepared.warnings.append(f"parameters on a bound at the end: {at_bound}")
+        say(f"warning: parameters on a bound at the end: {at_bound}")
     f_final, _ = drv.call(_CMD_EVAL, x)
     t_unc = time.perf_counter()
     F = drv.call(_CMD_FISHER, x)
@@ -368,6 +516,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         e, es = edge_position(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)])
         edges.append(e)
         edge_s.append(es)
+    steps, step_s = _edge_steps(p, fdp, cov)
     lattice_G = np.full(prepared.n_lat_total, np.nan)
     lattice_G[prepared.lattice_orig] = np.exp(g)
     bgs = np.full((prepared.n_sb_total, 3), np.nan)
@@ -381,7 +530,27 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         objective=float(f_final), n_ranks=p.comm.size, n_evaluations=drv.n_eval,
         restraints=p.restraints.active, config_json=p.cfg.to_json(),
         datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
-        warnings=list(prepared.warnings), x=x)
+        warnings=list(prepared.warnings), x=x,
+        convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
+        dropped=dict(prepared.dropped), control=cfg.control,
+        edge_step=np.array(steps), edge_step_sigma=np.array(step_s))
+
+
+def _edge_steps(p, fdp, cov):
+    """Fitted f'' edge step of every site about its reference table's edge, with sigma."""
+    from spread_tools.physics.scattering import reference_fp_fdp
+    from spread_tools.refine.controls import edge_step
+    n = p.n_ref * p.n_grid
+    steps, sig = [], []
+    for s, el in enumerate(p.site_elements):
+        ref = reference_fp_fdp(el, p.grid_ev, p.cfg.reference)[1]
+        e0 = edge_position(p.grid_ev, ref)[0]
+        idx = n + s * p.n_grid + np.arange(p.n_grid)
+        st, ss = edge_step(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)], e0) if np.isfinite(e0) else \
+            (float("nan"), float("nan"))
+        steps.append(st)
+        sig.append(ss)
+    return steps, sig
 
 
 # --------------------------------------------------------------------------- result IO
@@ -419,6 +588,13 @@ def write_result(path, result, overwrite=False):
             h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
         for k, v in result.history.items():
             h5.create_dataset(f"history/{k}", data=np.asarray(v, dtype=np.float64))
+        for k, v in (result.convergence or {}).items():
+            h5.create_dataset(f"convergence/{k}", data=np.asarray(v, dtype=np.float64))
+        for k in ("edge_step", "edge_step_sigma"):
+            if getattr(result, k) is not None:
+                h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+        h5.attrs["dropped"] = json.dumps(result.dropped or {})
+        h5.attrs["control"] = str(result.control or "")
         h5.attrs["config"] = result.config_json
         h5.attrs["datasets"] = json.dumps(result.datasets)
         h5.attrs["sf_cache"] = result.sf_cache
@@ -472,12 +648,22 @@ def read_result(path):
             if k in h5:
                 out[k] = read_array(h5, k, np.float64)
         out["history"] = {k: read_array(h5, f"history/{k}", np.float64)
-                          for k in ("objective", "gradient_norm", "time_s") if f"history/{k}" in h5}
+                          for k in ("objective", "gradient_norm", "time_s", "macrocycle")
+                          if f"history/{k}" in h5}
+        out["convergence"] = {k: read_array(h5, f"convergence/{k}", np.float64)
+                              for k in CONVERGENCE_KEYS if f"convergence/{k}" in h5}
+        for k in ("edge_step", "edge_step_sigma"):
+            if k in h5:
+                out[k] = read_array(h5, k, np.float64)
+        try:
+            out["dropped"] = json.loads(str(h5.attrs.get("dropped", "{}")))
+        except json.JSONDecodeError:
+            out["dropped"] = {}
         try:
             out["config"] = json.loads(str(h5.attrs.get("config", "{}")))
         except json.JSONDecodeError:
             out["config"] = {}
-        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks"):
+        for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks", "control"):
             if k in h5.attrs:
                 v = h5.attrs[k]
                 out[k] = v.decode() if isinstance(v, bytes) else v
