@@ -192,11 +192,15 @@ def plot(lines, output):
     axes[0].set_ylabel("f″ rms error, worse site (e⁻)")
     axes[1].set_ylabel("|edge shift − truth| (eV), bars: σ")
     axes[2].set_ylabel("f″ rms error/σ, worse site")
+    all_n = [ln["n_lattices"] for ln in pos]
     for ax in axes:
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_xlim(min(all_n) / 1.3, max(all_n) * 1.3)
         ax.set_xlabel("lattices")
         ax.legend(fontsize=7)
+    axes[0].set_ylim(bottom=0)
+    axes[1].set_ylim(bottom=0)
+    axes[2].set_ylim(bottom=0)
     fig.suptitle("S1 positive control on simulate_data preset=ly99 (true crystal models), "
                  "refine_fdp defaults; x: not converged")
     fig.savefig(output, dpi=130)
