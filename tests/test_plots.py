@@ -80,18 +80,24 @@ def test_plot_curves_cli_png_pdf_table_gallery(result_files, tmp_path):
     assert r.exit_code == 2 and "exists already" in r.output
 
 
-@pytest.mark.parametrize("case", ["no_output", "format", "not_result", "labels", "gallery"])
+@pytest.mark.parametrize("case", ["no_output", "format", "not_result", "labels", "gallery",
+                                  "reversed_energy"])
 def test_plot_curves_bad_input(case, result_files, tmp_path):
     data, (sauter, _) = result_files
     argv = {"no_output": [str(sauter)],
             "format": [str(sauter), "-o", str(tmp_path / "c.txt")],
             "not_result": [str(data), "-o", str(tmp_path / "c.png")],
             "labels": [str(sauter), "--label", "a", "--label", "b", "-o", str(tmp_path / "c.png")],
-            "gallery": [str(sauter), "--gallery", str(data), "-o", str(tmp_path / "c.png")]}[case]
+            "gallery": [str(sauter), "--gallery", str(data), "-o", str(tmp_path / "c.png")],
+            # accepted before (a reversed axis): issue 13
+            "reversed_energy": [str(sauter), "-o", str(tmp_path / "c.png"), "energy.min_ev=7170",
+                                "energy.max_ev=7070"]}[case]
     r = runner.invoke(app, argv)
     assert r.exit_code == 2, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("plot_curves: error:"), r.output
+    if case == "reversed_energy":
+        assert "energy.min_ev=7170" in lines[0] and not (tmp_path / "c.png").exists()
 
 
 def test_curve_band_drawn():
@@ -111,3 +117,33 @@ def test_result_and_table_labelled_apart():
     assert legend == ["table: Fe.dat", "result: run1"]
     with pytest.raises(InputError, match="reversed"):
         plot_curves([{"S": res}], energy_range_ev=(3.0, 1.0))
+
+
+    assert len(fig.axes[0].collections) == 1       # the ±1σ band
+
+
+def test_convergence_trace_library_and_cli(result_files, tmp_path):
+    from spread_tools.plots import plot_convergence
+    data, (sauter, kk) = result_files
+    res = [R.read_result(sauter), R.read_result(kk)]
+    fig = plot_convergence(res, labels=["Sauter", "KK"])
+    ax_f, ax_g = fig.axes
+    h = res[0]["history"]
+    line = ax_g.get_lines()[0]
+    np.testing.assert_array_equal(line.get_ydata(), h["gradient_norm"])      # one point per iteration
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(1, len(h["objective"]) + 1))
+    gt = [ln for ln in ax_g.get_lines() if ln.get_label().startswith("gtol")]
+    assert len(gt) == 1 and gt[0].get_ydata()[0] == pytest.approx(1e-3)
+    drop = ax_f.get_lines()[0].get_ydata()
+    assert np.all(drop > 0) and drop[-1] <= drop[0]
+    # macrocycle boundaries are marked (one dotted line per panel and boundary)
+    n_mc = len(res[0]["convergence"]["objective_end"])
+    n_vlines = sum(1 for ln in ax_f.get_lines() if ln.get_linestyle() == ":")
+    assert n_vlines == (n_mc - 1) + (len(res[1]["convergence"]["objective_end"]) - 1)
+    out = tmp_path / "c.png"
+    r = runner.invoke(app, [str(sauter), str(kk), "-o", str(out), "--convergence"])
+    assert r.exit_code == 0, r.output
+    assert _is_png(out) and _is_png(tmp_path / "c_convergence.png")
+    empty = dict(res[0], history={"objective": np.zeros(0), "gradient_norm": np.zeros(0)})
+    with pytest.raises(InputError, match="no convergence history"):
+        plot_convergence([empty])

@@ -118,6 +118,16 @@ def settings_from_config(cfg):
         images_dataset=cfg.images.dataset)
 
 
+def check_resolution_range(d_min, d_max):
+    """InputError unless 0 < d_min < d_max (Å; either may be None)."""
+    for key, v in (("d_min", d_min), ("d_max", d_max)):
+        if v is not None and not v > 0:
+            raise InputError(f"parameter {key}: must be a positive resolution in Å, got {v:g}")
+    if d_min is not None and d_max is not None and not d_min < d_max:
+        raise InputError(f"parameters d_min={d_min:g}, d_max={d_max:g}: d_min (the high-resolution "
+                         f"limit) must be below d_max (the low-resolution limit), in Å")
+
+
 def shots_from_files(files):
     """Shots from the positional files: ``EXPT REFL [SPECTRUM]`` or one shot-list file."""
     from spread_tools.io.dials.importer import Shot, read_shot_list
@@ -148,9 +158,7 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
         require_output(output, "dataset")
         if not files:
             raise InputError("command line: give EXPT REFL [SPECTRUM] or a shot list file")
-        if cfg.d_min is not None and cfg.d_max is not None and not cfg.d_min < cfg.d_max:
-            raise InputError(f"parameter d_min: {cfg.d_min} Å must be smaller than d_max "
-                             f"({cfg.d_max} Å)")
+        check_resolution_range(cfg.d_min, cfg.d_max)
         shots = shots_from_files(files)
         settings = settings_from_config(cfg)
         inputs = list(files) + [cfg.spectrum.file, cfg.images.file]
@@ -162,6 +170,11 @@ def run(words: Words = None, output: Output = None, config: ConfigFile = None,
             if not quiet:
                 typer.echo(f"{SCRIPT}: {msg}")
         ds, s = build_dataset(shots, settings, config_json=cfg.to_json(), log=log)
+        if ds.n_shoeboxes == 0:
+            raise InputError(f"{files[0]}: no reflection left of {s['reflections']} ({s['flags']} "
+                             f"dropped by flags, {s['resolution']} by resolution, "
+                             f"{s['no_shoebox_data'] + s['no_pixels']} without usable pixels); "
+                             f"nothing written")
         ds.write(output, overwrite=overwrite)
         log(f"{s['reflections']} reflections: dropped {s['flags']} by flags, "
             f"{s['resolution']} by resolution, {s['no_shoebox_data']} without shoebox pixels, "

@@ -5,12 +5,15 @@ Examples::
     plot_curves result.h5 --truth dataset.h5 -o curves.png
     plot_curves sauter.h5 kk.h5 --label Sauter --label KK --table Fe.dat -o compare.pdf
     plot_curves result.h5 -o curves.png --gallery dataset.h5 --sf-cache sf_cache.h5
+    plot_curves result.h5 -o curves.png --convergence
 
 Each result is drawn with its ±1σ band; ``--truth`` (a simulated dataset) adds
 the ground truth and residual panels (result − truth); ``--table`` adds
 reference curves (any format ``kk_check`` reads). ``--gallery`` writes a second
 figure ``<output stem>_gallery<suffix>`` with the strongest shoeboxes: data,
-model at the refined values, and normalised residual.
+model at the refined values, and normalised residual. ``--convergence`` writes
+``<output stem>_convergence<suffix>``: the objective and the largest gradient
+(σ units) of every L-BFGS iteration, macrocycles marked.
 """
 
 from pathlib import Path
@@ -62,6 +65,10 @@ Gallery = Annotated[Optional[list[Path]], typer.Option(
     "--gallery", help="Dataset(s) the (first) result was refined from: also draw a shoebox "
                       "gallery (needs --sf-cache).")]
 SfCache = Annotated[Optional[Path], typer.Option("--sf-cache", help="SF cache (for --gallery).")]
+Convergence = Annotated[bool, typer.Option(
+    "--convergence", help="Also draw the convergence trace of the result(s): objective and "
+                          "largest gradient (sigma units) per iteration, macrocycles marked, "
+                          "into <output stem>_convergence<suffix>.")]
 
 Output = output_option("Figure to write; the format follows the suffix (.png, .pdf, .svg). "
                        "also=pdf adds formats next to it; --gallery writes a second figure "
@@ -79,8 +86,8 @@ app = make_app(SCRIPT, "Plot refined f'(E), f''(E) (e-) per site against energy 
 @app.command(**command_settings(SCHEMA, usage=USAGE, example=EXAMPLE))
 def run(words: Words = None, output: Output = None, truth: Truth = None, table: Table = None,
         label: Label = None, gallery: Gallery = None, sf_cache: SfCache = None,
-        config: ConfigFile = None, show_config: ShowConfig = False, overwrite: Overwrite = False,
-        quiet: Quiet = False):
+        convergence: Convergence = False, config: ConfigFile = None, show_config: ShowConfig = False,
+        overwrite: Overwrite = False, quiet: Quiet = False):
     """Plot f'(E), f''(E) (e-) per site against energy (eV) with +-1 sigma bands.
 
     Several results overlaid (--label each), optional truth from a simulated dataset
@@ -105,12 +112,19 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
         if output is None:
             raise InputError("command line: give the figure file with -o FILE.png (or .pdf)")
         output = Path(output)
+        lo, hi = cfg.energy.min_ev, cfg.energy.max_ev
+        if lo is not None and hi is not None and not lo < hi:
+            raise InputError(f"parameters energy.min_ev={lo:g}, energy.max_ev={hi:g}: the left end "
+                             f"of the energy axis must be below the right end (eV)")
         labels = list(label or [])
         if len(labels) > len(files):
             raise InputError(f"command line: {len(labels)} --label for {len(files)} result(s)")
         outputs = [output] + [output.with_suffix("." + f.lower().lstrip(".")) for f in cfg.also]
         gal_out = output.with_name(output.stem + "_gallery" + output.suffix) if gallery else None
-        for o in outputs + ([gal_out] if gal_out else []):
+        conv_out = output.with_name(output.stem + "_convergence" + output.suffix) if convergence else None
+        if convergence and not files:
+            raise InputError("command line: --convergence needs at least one result file")
+        for o in outputs + [p for p in (gal_out, conv_out) if p]:
             if o.suffix.lower() not in (".png", ".pdf", ".svg"):
                 raise InputError(f"{o}: unknown figure format (use .png, .pdf or .svg)")
         if gallery and (sf_cache is None or not files):
@@ -142,6 +156,13 @@ def run(words: Words = None, output: Output = None, truth: Truth = None, table: 
             save_figure(fig, o, overwrite=overwrite, dpi=cfg.dpi)
             if not quiet:
                 typer.echo(f"{SCRIPT}: wrote {o}")
+        if convergence:
+            from spread_tools.plots import plot_convergence
+            from spread_tools.refine.s1 import read_result
+            cfig = plot_convergence([read_result(f) for f in files], labels=labels)
+            save_figure(cfig, conv_out, overwrite=overwrite, dpi=cfg.dpi)
+            if not quiet:
+                typer.echo(f"{SCRIPT}: wrote {conv_out}")
         if gallery:
             from spread_tools.io.dataset import Dataset
             from spread_tools.structure.cache import SFCache

@@ -98,9 +98,15 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         from spread_tools.io.dataset import Dataset
         from spread_tools.refine.checkpoint import Interrupted, StopSignals
         from spread_tools.refine.mpi import select_device_for_rank
-        from spread_tools.refine.s1 import log_to_stderr, refine, write_result
+        from spread_tools.refine.s1 import (
+            check_optimizer_config,
+            log_to_stderr,
+            refine,
+            write_result,
+        )
         from spread_tools.structure.cache import SFCache
         files, cfg = parse_words(SCHEMA, words, config, show_config)
+        check_optimizer_config(cfg)
         paths = require_files(files, ["dataset (.h5) ..."], SCRIPT)
         if sf_cache is None:
             raise InputError("command line: give the structure-factor cache with --sf-cache FILE.h5")
@@ -149,10 +155,18 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
                 raise typer.Exit(exc.exit_code) from None
         if root:
             csv = write_result(output, result, overwrite=overwrite or resume)
+            if result.control:
+                typer.echo(f"{SCRIPT}: control {result.control}: the edge must vanish (edge step "
+                           f"within about 2 sigma of 0)")
             for i, name in enumerate(result.site_names):
                 typer.echo(f"{SCRIPT}: {name}: edge {result.edge_ev[i]:.2f} ± "
-                           f"{result.edge_sigma_ev[i]:.2f} eV (f'' half step); median sigma "
+                           f"{result.edge_sigma_ev[i]:.2f} eV (f'' half step); edge step "
+                           f"{result.edge_step[i]:.3f} ± {result.edge_step_sigma[i]:.3f} e-; median sigma "
                            f"f' {_median(result.fp_sigma[i]):.3f} e-, f'' {_median(result.fdp_sigma[i]):.3f} e-")
+            dropped = {k: v for k, v in result.dropped.items() if v}
+            if dropped:
+                typer.echo(f"{SCRIPT}: dropped " + ", ".join(f"{v} {k.replace('_', ' ')}"
+                                                             for k, v in dropped.items()))
             typer.echo(f"{SCRIPT}: {result.message}; {len(result.history['objective'])} iterations, "
                        f"{result.n_evaluations} evaluations on {result.n_ranks} rank(s), "
                        f"{time.perf_counter() - t0:.1f} s")

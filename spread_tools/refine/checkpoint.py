@@ -350,7 +350,8 @@ def s1_fingerprint(prepared, cache):
                         cache.hkl, cache.F_base, cache.S_site])
 
 
-def s1_state(macrocycle, converged, message, x, history, site_names, n_eval, inner=None):
+def s1_state(macrocycle, converged, message, x, history, site_names, n_eval, inner=None,
+             convergence=None):
     """The S1 checkpoint content for :meth:`Checkpointer.save`.
 
     Parameters
@@ -363,21 +364,26 @@ def s1_state(macrocycle, converged, message, x, history, site_names, n_eval, inn
     x : array (n_x,)
         Parameters after the last completed macrocycle, or the current point inside one.
     history : dict of lists
-        ``objective``, ``gradient_norm``, ``time_s`` per iteration so far.
+        ``objective``, ``gradient_norm``, ``time_s``, ``macrocycle`` per iteration so far.
     site_names : list of str
     n_eval : int
         Objective evaluations so far.
     inner : dict, optional
         Inside a macrocycle: ``H_glob``, ``diag_loc`` (the macrocycle's preconditioner),
-        ``f_before``, ``last_f``, ``last_g`` and ``lbfgs`` (:meth:`LbfgsbRun.state`).
+        ``f_before``, ``f_loc`` (after the local fit), ``n_eval0``, ``elapsed_s``, ``last_f``,
+        ``last_g``, ``last_z`` and ``lbfgs`` (:meth:`LbfgsbRun.state`).
+    convergence : dict of lists, optional
+        The per-macrocycle record so far.
 
     Returns
     -------
     dict
     """
     arrays = {"x": np.asarray(x, dtype=np.float64), "site_names": list(site_names)}
-    for k in ("objective", "gradient_norm", "time_s"):
-        arrays[f"history/{k}"] = np.asarray(history[k], dtype=np.float64)
+    for k, v in history.items():
+        arrays[f"history/{k}"] = np.asarray(v, dtype=np.float64)
+    for k, v in (convergence or {}).items():
+        arrays[f"convergence/{k}"] = np.asarray(v, dtype=np.float64)
     attrs = {"macrocycle": int(macrocycle), "converged": bool(converged), "message": str(message),
              "n_evaluations": int(n_eval), "phase": "macrocycle" if inner is None else "lbfgs"}
     if inner is not None:
@@ -386,6 +392,10 @@ def s1_state(macrocycle, converged, message, x, history, site_names, n_eval, inn
         arrays["inner/f_before"] = np.float64(inner["f_before"])
         arrays["inner/last_f"] = np.float64(inner["last_f"])
         arrays["inner/last_g"] = np.asarray(inner["last_g"], dtype=np.float64)
+        arrays["inner/last_z"] = np.asarray(inner["last_z"], dtype=np.float64)
+        for k in ("f_loc", "elapsed_s"):
+            arrays[f"inner/{k}"] = np.float64(inner[k])
+        arrays["inner/n_eval0"] = np.int64(inner["n_eval0"])
         for k, v in inner["lbfgs"].items():
             arrays[f"lbfgs/{k}"] = np.asarray(v)
     return {"attrs": attrs, "arrays": arrays}
@@ -397,21 +407,27 @@ def s1_from_checkpoint(saved, n_x, path):
     Returns
     -------
     dict
-        ``x``, ``macrocycle``, ``converged``, ``message``, ``history`` (lists),
-        ``n_evaluations`` and ``inner`` (``None`` after a macrocycle).
+        ``x``, ``macrocycle``, ``converged``, ``message``, ``history`` and ``convergence``
+        (lists), ``n_evaluations`` and ``inner`` (``None`` after a macrocycle).
     """
     a, arr = saved["attrs"], saved["arrays"]
     x = np.asarray(arr.get("x", np.zeros(0)), dtype=np.float64)
     if x.shape != (n_x,):
         raise InputError(f"{path}: checkpoint holds {x.size} parameters, expected {n_x}")
     hist = {k: [float(v) for v in np.atleast_1d(arr.get(f"history/{k}", np.zeros(0)))]
-            for k in ("objective", "gradient_norm", "time_s")}
+            for k in ("objective", "gradient_norm", "time_s", "macrocycle")}
+    conv = {k.split("/", 1)[1]: [float(v) for v in np.atleast_1d(val)]
+            for k, val in arr.items() if k.startswith("convergence/")}
     inner = None
     if str(a.get("phase", "macrocycle")) == "lbfgs":
         lb = {k.split("/", 1)[1]: v for k, v in arr.items() if k.startswith("lbfgs/")}
         inner = {"H_glob": arr["precond/H_glob"], "diag_loc": arr["precond/diag_loc"],
                  "f_before": float(arr["inner/f_before"]), "last_f": float(arr["inner/last_f"]),
-                 "last_g": np.asarray(arr["inner/last_g"], dtype=np.float64), "lbfgs": lb}
+                 "last_g": np.asarray(arr["inner/last_g"], dtype=np.float64),
+                 "last_z": np.asarray(arr.get("inner/last_z", np.zeros(0)), dtype=np.float64),
+                 "f_loc": float(arr.get("inner/f_loc", arr["inner/f_before"])),
+                 "n_eval0": int(arr.get("inner/n_eval0", 0)),
+                 "elapsed_s": float(arr.get("inner/elapsed_s", 0.0)), "lbfgs": lb}
     return {"x": x, "macrocycle": int(a.get("macrocycle", 0)),
             "converged": bool(a.get("converged", False)), "message": str(a.get("message", "")),
-            "history": hist, "n_evaluations": int(a.get("n_evaluations", 0)), "inner": inner}
+            "history": hist, "convergence": conv, "n_evaluations": int(a.get("n_evaluations", 0)), "inner": inner}

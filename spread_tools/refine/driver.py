@@ -14,7 +14,7 @@ import numpy as np
 __all__ = []
 
 
-_CMD_STOP, _CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_START = range(5)
+_CMD_STOP, _CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_START, _CMD_LOCALS = range(6)
 
 
 class _Driver:
@@ -33,7 +33,7 @@ class _Driver:
         c = self.comm
         if c.size > 1:
             c.bcast_array([cmd], 1, np.int64)
-        if cmd in (_CMD_EVAL, _CMD_DIAG, _CMD_FISHER):
+        if cmd in (_CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_LOCALS):
             x = c.bcast_array(x, self.p.n_x)
         return x
 
@@ -68,6 +68,14 @@ class _Driver:
             if c.rank != 0:
                 return None
             return F.reshape(p.n_glob, p.n_glob) + p.restraint_hessian(x)
+        if cmd == _CMD_LOCALS:
+            # every rank refits its own g and b exactly at x's curves (refine.local_fit)
+            loc = c.concat(p.refit_locals(x), self.loc_counts)
+            if c.rank != 0:
+                return None
+            out = np.array(x, dtype=np.float64)
+            self._scatter_local(out, loc)
+            return out
         if cmd == _CMD_START:
             glob, loc = p.start_vector(x)
             loc = c.concat(loc, self.loc_counts)
@@ -87,7 +95,7 @@ class _Driver:
             full[self.loc_index] = loc
 
     def call(self, cmd, x):
-        """Run a collective command (EVAL, DIAG, FISHER) from rank 0."""
+        """Run a collective command (EVAL, DIAG, FISHER, LOCALS) from rank 0."""
         x = self._command(cmd, x)
         if cmd == _CMD_EVAL:
             self.n_eval += 1

@@ -11,7 +11,8 @@ wait for the end of a macrocycle.
 
 The interface is scipy's private ``scipy.optimize._lbfgsb.setulb`` in the form of
 scipy ≥ 1.15 (C translation of the Fortran code); ``tests/refine/test_lbfgsb.py``
-fails loudly if a scipy release changes it. No bounds are used (S1 is unbounded).
+fails loudly if a scipy release changes it. Box bounds are passed as scipy's wrapper
+passes them (``nbd`` codes) and are part of the saved state.
 """
 
 from __future__ import annotations
@@ -33,6 +34,15 @@ def _setulb():
     except ImportError as exc:                     # pragma: no cover
         raise RuntimeError("scipy's L-BFGS-B module is not available") from exc
     return _lbfgsb.setulb
+
+
+def _bound_arrays(lower, upper):
+    """scipy's (low, up, nbd) for setulb: nbd 0 none, 1 lower, 2 both, 3 upper."""
+    has_lo, has_hi = np.isfinite(lower), np.isfinite(upper)
+    low = np.where(has_lo, lower, 0.0).astype(np.float64)
+    up = np.where(has_hi, upper, 0.0).astype(np.float64)
+    nbd = np.where(has_lo & has_hi, 2, np.where(has_lo, 1, np.where(has_hi, 3, 0))).astype(np.int32)
+    return low, up, nbd
 
 
 def _messages(task):
@@ -62,6 +72,9 @@ class LbfgsbRun:
         Line-search steps per iteration.
     maxfun : int
         Stop after this many evaluations.
+    lower, upper : array (n,), optional
+        Box bounds (``-inf``/``inf`` or ``None``: none); ``x0`` is clipped into them, as
+        ``scipy.optimize.minimize`` does.
 
     Notes
     -----
@@ -78,9 +91,15 @@ class LbfgsbRun:
     with :meth:`from_state` continue exactly where the saved run was.
     """
 
-    def __init__(self, x0, maxiter, maxcor=10, gtol=1e-5, ftol=2.2e-9, maxls=20, maxfun=15000):
+    def __init__(self, x0, maxiter, maxcor=10, gtol=1e-5, ftol=2.2e-9, maxls=20, maxfun=15000,
+                 lower=None, upper=None):
         x0 = np.asarray(x0, dtype=np.float64).ravel()
         n = x0.size
+        lo = np.full(n, -np.inf) if lower is None else np.asarray(lower, np.float64).ravel()
+        hi = np.full(n, np.inf) if upper is None else np.asarray(upper, np.float64).ravel()
+        if lo.shape != (n,) or hi.shape != (n,) or np.any(lo > hi):
+            raise ValueError("bounds must have the length of x0 and lower <= upper")
+        x0 = np.clip(x0, lo, hi)
         m = int(maxcor)
         self.m = m
         self.maxiter = int(maxiter)
@@ -104,9 +123,7 @@ class LbfgsbRun:
         self.nfev = 0
         self.last_f = np.array(np.nan)
         self.last_g = np.zeros(0)
-        self._low = np.zeros(n, np.float64)
-        self._up = np.zeros(n, np.float64)
-        self._nbd = np.zeros(n, np.int32)
+        self._low, self._up, self._nbd = _bound_arrays(lo, hi)
         self.done = False
         self.wants_evaluation = False
         self.new_iteration = False
@@ -172,6 +189,15 @@ class LbfgsbRun:
         return self.done and int(self.task[0]) == _TASK_CONVERGED
 
     @property
+    def status(self):
+        """scipy's ``status``: 0 converged, 1 iteration or evaluation limit, 2 otherwise."""
+        if self.converged:
+            return 0
+        if self.nfev > self.maxfun or self.nit >= self.maxiter:
+            return 1
+        return 2
+
+    @property
     def message(self):
         """scipy's message, e.g. ``"CONVERGENCE: NORM OF PROJECTED GRADIENT <= PGTOL"``."""
         return _messages(self.task)
@@ -186,6 +212,8 @@ class LbfgsbRun:
                                     self.nfev, int(self.done), int(self.wants_evaluation),
                                     int(self._pending)], dtype=np.int64)
         out["tolerances"] = np.array([self.factr, self.pgtol], dtype=np.float64)
+        out["bounds"] = np.stack([np.where(self._nbd % 3 >= 1, self._low, -np.inf),
+                                  np.where(self._nbd >= 2, self._up, np.inf)])
         return out
 
     @classmethod
@@ -216,8 +244,10 @@ class LbfgsbRun:
         n = self.x.size
         if self.g.size != n or self.wa.size != 2 * self.m * n + 5 * n + 11 * self.m ** 2 + 8 * self.m:
             raise ValueError("inconsistent L-BFGS-B state")
-        self._low = np.zeros(n, np.float64)
-        self._up = np.zeros(n, np.float64)
-        self._nbd = np.zeros(n, np.int32)
+        if "bounds" in state:
+            b = np.asarray(state["bounds"], dtype=np.float64)
+            self._low, self._up, self._nbd = _bound_arrays(b[0], b[1])
+        else:                                        # states written before bounds existed
+            self._low, self._up, self._nbd = _bound_arrays(np.full(n, -np.inf), np.full(n, np.inf))
         self.new_iteration = False
         return self

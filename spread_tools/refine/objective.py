@@ -4,6 +4,12 @@ The gradient runs from ∂f/∂I[h, c] of the pixel model through ∂I/∂f′, 
 structure factors at the channel energies to the grid with ``Mᵀ`` (see
 :mod:`spread_tools.refine.s1`, section *Objective*). The curvature methods come from
 :class:`spread_tools.refine.uncertainty.FisherInformationMixin`.
+
+The weak prior on ln G (``lattice.ln_G_sigma``) is part of the objective: every lattice
+adds ``(g_j − μ)² / (2 σ_G²)``, with μ the median over all lattices of ln G fitted at the
+start curves (:meth:`S1Problem.start_vector`, the same on every rank and for any number of
+ranks). The local parameters are fitted exactly at fixed curves by
+:func:`spread_tools.refine.local_fit.fit_locals` (start values, and before every macrocycle).
 """
 
 from __future__ import annotations
@@ -17,7 +23,13 @@ from spread_tools.refine.prepare import build_pixel_model
 from spread_tools.refine.restraints import build_restraints
 from spread_tools.refine.uncertainty import FisherInformationMixin
 
-__all__ = ["S1Problem"]
+__all__ = ["S1Problem", "BOUND_LN_G", "BOUND_B0", "BOUND_SLOPE"]
+
+#: Box constraints of the local parameters (:mod:`spread_tools.refine.s1`, *Optimizer*):
+#: |g − μ| ≤ BOUND_LN_G, |b0| ≤ BOUND_B0 (3e-7 to 3e6 photons per pixel), |b1|, |b2| ≤ BOUND_SLOPE.
+BOUND_LN_G = 30.0
+BOUND_B0 = 15.0
+BOUND_SLOPE = 2.0
 
 
 class S1Problem(FisherInformationMixin):
@@ -97,6 +109,18 @@ class S1Problem(FisherInformationMixin):
         self.lat0, self.lat1 = a, b
         self.sb0, self.sb1 = self.sb_blocks[self.comm.rank]
         self.local = ds.select_lattices(np.arange(a, b)) if self.comm.size > 1 else ds
+        self.lat_counts = [int(hi - lo) for lo, hi in blocks]
+        sigma = cfg.lattice.ln_G_sigma
+        if sigma is not None and not sigma > 0:
+            raise InputError(f"parameter lattice.ln_G_sigma: must be positive (or None: no prior), "
+                             f"got {sigma:g}")
+        self.lnG_sigma = None if sigma is None else float(sigma)
+        self.lnG_mu = None          # set by start_vector (collective)
+        ss = cfg.shoebox.slope_sigma
+        if ss is not None and not ss > 0:
+            raise InputError(f"parameter shoebox.slope_sigma: must be positive (or None: no prior), "
+                             f"got {ss:g}")
+        self.slope_sigma = None if ss is None else float(ss)
         self.pm = None
         if self.local.n_shoeboxes:
             self.pm = build_pixel_model(self.local, cfg, backend)
@@ -177,14 +201,108 @@ class S1Problem(FisherInformationMixin):
         I, dfp, dfdp = self._intensities(fp, fdp)
         G = np.exp(g)
         nll, dI, dG, dbg = self.pm.nll_and_gradients(I, G, b)
+        f_prior, g_prior = self.lnG_prior_terms(g)
+        if self.slope_sigma is not None:
+            w = 1.0 / self.slope_sigma ** 2
+            f_prior += 0.5 * w * float(np.sum(b[:, 1:] ** 2))
+            dbg = dbg.copy()
+            dbg[:, 1:] += w * b[:, 1:]
         # chain rule: ∂f/∂u_chan[s, c] = Σ_h ∂f/∂I[h, c] ∂I[h, c]/∂u[s, c]
         gfp_c = np.einsum("sch,hc->sc", dfp, dI)
         gfdp_c = np.einsum("sch,hc->sc", dfdp, dI)
         gfp = (self.M.T @ gfp_c.T).T
         gfdp = (self.M.T @ gfdp_c.T).T
         g_glob = np.concatenate([gfp.ravel(), gfdp.ravel()])
-        g_loc = np.concatenate([dG * G, dbg.ravel()])
-        return float(nll) - self.const, g_glob, g_loc
+        g_loc = np.concatenate([dG * G + g_prior, dbg.ravel()])
+        return float(nll) - self.const + f_prior, g_glob, g_loc
+
+    def lnG_prior(self):
+        """(μ, σ_G) of the prior on ln G, or ``None`` when it is off or not set up yet."""
+        if self.lnG_sigma is None or self.lnG_mu is None:
+            return None
+        return self.lnG_mu, self.lnG_sigma
+
+    def lnG_prior_terms(self, g):
+        """Prior loss (summed) and its gradient for this rank's ln G values ``g``."""
+        prior = self.lnG_prior()
+        if prior is None:
+            return 0.0, np.zeros_like(g)
+        r = (g - prior[0]) / prior[1]
+        return 0.5 * float(r @ r), r / prior[1]
+
+    def local_fisher(self, x, chunk=2048, route="auto"):
+        """:meth:`FisherInformationMixin.local_fisher` with the prior's curvature 1/σ_G² on the
+        diagonal of every ln G (the profiled block leaves it out: it changes the information of a
+        lattice with Bragg signal by less than 1e-3 relative)."""
+        F, dglob, dloc = super().local_fisher(x, chunk=chunk, route=route)
+        if self.pm is None:
+            return F, dglob, dloc
+        dloc = dloc.copy()
+        prior = self.lnG_prior()
+        if prior is not None:
+            dloc[:self.pm.n_lat] += 1.0 / prior[1] ** 2
+        if self.slope_sigma is not None:
+            db = dloc[self.pm.n_lat:].reshape(-1, 3)
+            db[:, 1:] += 1.0 / self.slope_sigma ** 2
+        return F, dglob, dloc
+
+    def local_bounds(self):
+        """Lower and upper bounds of every entry of ``x`` (the globals are free).
+
+        Returns
+        -------
+        lo, hi : arrays (n_x,)
+        """
+        mu = 0.0 if self.lnG_mu is None else self.lnG_mu
+        lo = np.full(self.n_x, -np.inf)
+        hi = np.full(self.n_x, np.inf)
+        ng, nl = self.n_glob, self.n_lat
+        lo[ng:ng + nl] = mu - BOUND_LN_G
+        hi[ng:ng + nl] = mu + BOUND_LN_G
+        b_lo, b_hi = self._b_bounds()
+        lo[ng + nl:] = np.tile(b_lo, self.n_sb)
+        hi[ng + nl:] = np.tile(b_hi, self.n_sb)
+        return lo, hi
+
+    @staticmethod
+    def _b_bounds():
+        return (np.array([-BOUND_B0, -BOUND_SLOPE, -BOUND_SLOPE]),
+                np.array([BOUND_B0, BOUND_SLOPE, BOUND_SLOPE]))
+
+    # ------------------------------------------------------------------ local parameters
+    def _bragg_at(self, fp, fdp):
+        I, _, _ = self._intensities(fp, fdp, grad=False)
+        return self.pm.bragg_counts(I)
+
+    def _fit_locals(self, S, g, b, prior, max_rounds=50):
+        from spread_tools.refine.local_fit import fit_locals
+        pm = self.pm
+        g_bounds = (-np.inf, np.inf) if self.lnG_mu is None else \
+            (self.lnG_mu - BOUND_LN_G, self.lnG_mu + BOUND_LN_G)
+        return fit_locals(S, pm.counts, pm.mask, pm.pixel_offset, pm.sb_lattice, self.xh, self.yh,
+                          g, b, prior=prior, max_rounds=max_rounds, slope_sigma=self.slope_sigma,
+                          g_bounds=g_bounds, b_bounds=self._b_bounds())
+
+    def refit_locals(self, x):
+        """This rank's g and b refitted exactly at the curves of ``x`` (from ``x``'s locals).
+
+        Returns
+        -------
+        array (n_lat_rank + 3 n_sb_rank,)
+            In the order of :meth:`local_slices`.
+        """
+        fp, fdp, g, b = self._local_params(x)
+        if self.pm is None:
+            return np.zeros(0)
+        fit = self._fit_locals(self._bragg_at(fp, fdp), g, b, self.lnG_prior())
+        return np.concatenate([fit.g, fit.b.ravel()])
+
+    def _set_lnG_mu(self, g_local):
+        """μ = median of every rank's start ln G (collective)."""
+        c = self.comm
+        allg = c.concat(g_local, self.lat_counts)
+        mu = float(np.median(allg)) if c.rank == 0 and len(allg) else 0.0
+        self.lnG_mu = float(c.bcast_array([mu], 1)[0])
 
     def evaluate(self, x):
         """Full objective and gradient at ``x`` (single rank only; MPI runs use :func:`refine`).
@@ -223,8 +341,12 @@ class S1Problem(FisherInformationMixin):
 
     # ------------------------------------------------------------------ start values
     def start_vector(self, start_curves=None):
-        """Start values of ``x`` on this rank's part: reference (or given) curves, G from a
-        moment match, backgrounds from each shoebox's border pixels.
+        """Start values of ``x`` on this rank's part (collective: every rank calls it).
+
+        Reference (or given) curves; G from a moment match and backgrounds from each shoebox's
+        border pixels, then both fitted exactly at the start curves
+        (:func:`~spread_tools.refine.local_fit.fit_locals`); μ of the ln G prior is the median
+        of those fitted ln G over all lattices, and the locals are fitted once more with it.
 
         Parameters
         ----------
@@ -245,6 +367,7 @@ class S1Problem(FisherInformationMixin):
             fp, fdp = (np.asarray(a, dtype=np.float64) for a in start_curves)
         glob = np.concatenate([fp.ravel(), fdp.ravel()])
         if self.pm is None:
+            self._set_lnG_mu(np.zeros(0))
             return glob, np.zeros(0)
         pm = self.pm
         off = pm.pixel_offset
@@ -262,7 +385,7 @@ class S1Problem(FisherInformationMixin):
         suma = np.bincount(sb, weights=np.where(pm.mask, pm.counts, 0.0), minlength=pm.n_sb)
         mean = np.where(nb > 0, sumb / np.maximum(nb, 1), suma / np.maximum(nall, 1))
         b = np.zeros((pm.n_sb, 3))
-        b[:, 0] = np.log(np.maximum(mean, 0.05))
+        b[:, 0] = np.clip(np.log(np.maximum(mean, 0.05)), -BOUND_B0, BOUND_B0)
         I, _, _ = self._intensities(fp, fdp, grad=False)
         S = pm.bragg_counts(I)
         bgp = np.exp(b[sb, 0])
@@ -271,4 +394,10 @@ class S1Problem(FisherInformationMixin):
         ssum = np.bincount(lat, weights=np.where(pm.mask, S, 0.0), minlength=pm.n_lat)
         ratio = np.where((excess > 0) & (ssum > 0), excess / np.where(ssum > 0, ssum, 1.0), 1.0)
         g = np.clip(np.log(ratio), -10.0, 10.0)
-        return glob, np.concatenate([g, b.ravel()])
+        # the moment match is noisy for background-dominated shoeboxes (G off by 100x seen):
+        # fit the locals exactly at the start curves, without and then with the prior
+        self.lnG_mu = None
+        fit = self._fit_locals(S, g, b, None)
+        self._set_lnG_mu(fit.g)
+        fit = self._fit_locals(S, fit.g, fit.b, self.lnG_prior())
+        return glob, np.concatenate([fit.g, fit.b.ravel()])

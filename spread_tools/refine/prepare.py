@@ -1,7 +1,8 @@
 """Input of the S1 refinement: datasets joined, cleaned and checked against the SF cache.
 
 Shoeboxes with too few unmasked pixels are dropped (with a warning), lattices left
-without shoeboxes too; cell, space group and Miller indices must match the SF cache
+with fewer than ``lattice.min_shoeboxes`` usable shoeboxes too (their G would rest on a
+handful of spots); cell, space group and Miller indices must match the SF cache
 (see :mod:`spread_tools.refine.s1`, section *Input policy*).
 """
 
@@ -29,6 +30,11 @@ class PreparedData:
     n_lat_total, n_sb_total : int
         Sizes of the joined input.
     warnings : list of str
+    dropped : dict
+        Counts of what was left out: ``shoeboxes_few_pixels`` (fewer than ``min_pixels``
+        unmasked pixels), ``lattices_no_shoebox`` (no usable shoebox left),
+        ``lattices_few_shoeboxes`` (fewer than ``min_shoeboxes``) and
+        ``shoeboxes_of_dropped_lattices`` (usable shoeboxes of those lattices).
     """
 
     ds: object
@@ -37,9 +43,10 @@ class PreparedData:
     n_lat_total: int
     n_sb_total: int
     warnings: list
+    dropped: dict = dataclasses.field(default_factory=dict)
 
 
-def prepare_data(datasets, cache, min_pixels=4):
+def prepare_data(datasets, cache, min_pixels=4, min_shoeboxes=1):
     """Join datasets, drop unusable shoeboxes/lattices and check them against the SF cache.
 
     Parameters
@@ -48,6 +55,8 @@ def prepare_data(datasets, cache, min_pixels=4):
     cache : spread_tools.structure.cache.SFCache
     min_pixels : int
         Shoeboxes with fewer unmasked pixels are dropped (warning).
+    min_shoeboxes : int
+        Lattices with fewer usable shoeboxes are dropped, with their shoeboxes (warning).
 
     Returns
     -------
@@ -81,28 +90,44 @@ def prepare_data(datasets, cache, min_pixels=4):
         np.zeros(n_sb, np.int64)
     n_unmasked[np.diff(ds.pixel_offset) == 0] = 0
     keep = n_unmasked >= int(min_pixels)
+    if int(min_shoeboxes) < 1:
+        raise InputError(f"parameter lattice.min_shoeboxes: must be at least 1, got {min_shoeboxes}")
+    usable_per_lat = np.bincount(ds.sb_lattice[keep], minlength=n_lat)
+    few = (usable_per_lat > 0) & (usable_per_lat < int(min_shoeboxes))
+    dropped = {"shoeboxes_few_pixels": int(np.sum(~keep)),
+               "lattices_no_shoebox": int(np.sum(usable_per_lat == 0)),
+               "lattices_few_shoeboxes": int(np.sum(few)),
+               "shoeboxes_of_dropped_lattices": int(np.sum(usable_per_lat[few]))}
     sb_orig = np.arange(n_sb)
     if not keep.all():
         n_empty = int(np.sum(n_unmasked == 0))
         warnings.append(f"dropped {int(np.sum(~keep))} of {n_sb} shoeboxes with fewer than "
                         f"{int(min_pixels)} unmasked pixels ({n_empty} all masked)")
+    if few.any():
+        warnings.append(f"dropped {int(few.sum())} of {n_lat} lattices with fewer than "
+                        f"{int(min_shoeboxes)} usable shoeboxes (lattice.min_shoeboxes; "
+                        f"{dropped['shoeboxes_of_dropped_lattices']} shoeboxes; their G is NaN "
+                        f"in the result)")
+        keep = keep & ~few[ds.sb_lattice]
+    if not keep.all():
         ds = ds.select_shoeboxes(keep)
         sb_orig = sb_orig[keep]
     has = np.bincount(ds.sb_lattice, minlength=n_lat) > 0
     lat_used = np.flatnonzero(has)
     if len(lat_used) == 0:
         raise InputError(f"{ds.path}: no usable shoebox (every shoebox has fewer than "
-                         f"{int(min_pixels)} unmasked pixels)")
-    if len(lat_used) < n_lat:
-        warnings.append(f"dropped {n_lat - len(lat_used)} of {n_lat} lattices without a usable "
-                        f"shoebox (their G is NaN in the result)")
+                         f"{int(min_pixels)} unmasked pixels, or its lattice fewer than "
+                         f"{int(min_shoeboxes)} usable shoeboxes)")
+    if dropped["lattices_no_shoebox"]:
+        warnings.append(f"dropped {dropped['lattices_no_shoebox']} of {n_lat} lattices without a "
+                        f"usable shoebox (their G is NaN in the result)")
     new_of_old = np.full(n_lat, -1, np.int64)
     new_of_old[lat_used] = np.arange(len(lat_used))
     order = np.argsort(new_of_old[ds.sb_lattice], kind="stable")
     if len(lat_used) < n_lat or np.any(np.diff(order) != 1):
         ds = ds.select_lattices(lat_used)
         sb_orig = sb_orig[order]
-    return PreparedData(ds, lat_used, sb_orig, n_lat, n_sb, warnings)
+    return PreparedData(ds, lat_used, sb_orig, n_lat, n_sb, warnings, dropped)
 
 
 def build_pixel_model(ds, cfg, backend=None):

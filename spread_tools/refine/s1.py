@@ -28,19 +28,47 @@ at the channel energies of the dataset's distinct Miller indices, then Mᵀ.
 Optimizer
 ---------
 L-BFGS-B (scipy) on the whole vector (global and local parameters together),
-in *macrocycles* of at most ``optimizer.iterations`` iterations. At the start
-of each macrocycle every parameter is rescaled by the inverse square root of
-the diagonal of the Fisher information (plus the restraints' exact Hessian),
-so the variables are in units of their own standard uncertainty. Convergence:
-the largest |∂f/∂z| over all rescaled variables z is at most
+in *macrocycles* of at most ``optimizer.iterations`` iterations. Each macrocycle
+starts with an exact fit of the local parameters at the current curves
+(:func:`spread_tools.refine.local_fit.fit_locals`: Fisher scoring per lattice on its g
+and backgrounds, a block-coordinate step that never raises the objective); then every
+parameter is rescaled by the inverse square root of the diagonal of the Fisher
+information (plus the restraints' exact Hessian and the ln G prior's curvature), so the
+variables are in units of their own standard uncertainty. Convergence: the largest
+|∂f/∂z| over all rescaled variables z (projected on the bounds) is at most
 ``optimizer.gtol`` (default 1e-3: a 1σ move changes the objective by less than
-0.001), or a macrocycle that no longer lowers the objective (round-off). A
+0.001). A run also stops when a whole macrocycle (local fit and L-BFGS) no longer lowers
+the objective by more than 1e-12 of its value: round-off, reported as such with the
+gradient reached. Every macrocycle is recorded in the result (``convergence/``: objective
+before and after, the drop of the local fit, largest gradient, iterations, evaluations,
+L-BFGS-B status, time); ``plot_curves --convergence`` draws the trace. A
 checkpoint is written after every macrocycle and, inside a macrocycle, every
 ``checkpoint.interval_s`` of wall time and on a stop request (SIGTERM/SIGINT through
 :class:`~spread_tools.refine.checkpoint.StopSignals`); it holds the preconditioner
 and the whole state of the L-BFGS-B routine (:mod:`spread_tools.refine.lbfgsb`, scipy's
-own code driven step by step), so ``--resume`` from any checkpoint follows exactly the
+own code driven step by step, bounds included), so ``--resume`` from any checkpoint follows exactly the
 same path as an uninterrupted run (bit for bit on the same machine and ranks).
+
+Scales and backgrounds are kept well-posed, so that every trial point is finite:
+
+* a weak Gaussian prior on ln G per lattice, ``(g_j − μ)² / (2 σ_G²)`` with
+  ``lattice.ln_G_sigma`` = σ_G (default 2: a factor 7 in G at 1σ) and μ the median over
+  all lattices of ln G fitted at the start curves. For a lattice with Bragg signal it is
+  negligible (its curvature 1/σ_G² = 0.25 against a data information of 10²–10⁴); a
+  lattice without signal (whose likelihood alone drives G to 0 with a gradient that never
+  falls in σ units) stays near μ instead. ``lattice.ln_G_sigma=None`` switches it off;
+* a weak Gaussian prior N(0, σ_s²) on the background slopes b1, b2 of every shoebox
+  (``shoebox.slope_sigma`` = σ_s, default 0.1 per pixel: a factor 2.5 across a 19-pixel
+  shoebox at 1σ, where the water ring changes the background by ~1.4). A shoebox with a
+  few photons otherwise puts its whole background into one corner (slopes → ±∞);
+* bounds (L-BFGS-B box constraints): |g − μ| ≤ 30, |b0| ≤ 15 (3·10⁻⁷ to 3·10⁶ photons
+  per pixel), |b1|, |b2| ≤ 2 per pixel, so that G and the backgrounds cannot overflow
+  (λ stays positive and finite by construction; no pixel is ever dropped). An empty
+  shoebox's background (likelihood optimum 0) stops on its lower bound instead of
+  walking to −∞; other points on a bound at the end are named in the log and the
+  result's warnings;
+* lattices with fewer than ``lattice.min_shoeboxes`` usable shoeboxes are left out
+  (warning; counted in the log and the result's ``dropped``).
 
 MPI
 ---
@@ -114,12 +142,14 @@ from spread_tools.refine.driver import (
     _CMD_DIAG,
     _CMD_EVAL,
     _CMD_FISHER,
+    _CMD_LOCALS,
     _Driver,
     _Preconditioner,
 )
 from spread_tools.refine.lbfgsb import LbfgsbRun
 from spread_tools.refine.mpi import get_comm
 from spread_tools.refine.kk_constrained import make_problem
+from spread_tools.refine.objective import BOUND_B0, BOUND_LN_G, BOUND_SLOPE
 from spread_tools.refine.prepare import prepare_data
 from spread_tools.refine.restraints import RESTRAINT_SCHEMA
 from spread_tools.refine.uncertainty import _invert, edge_position
@@ -158,6 +188,8 @@ REFINE_SCHEMA = {
     },
     "shoebox": {
         "min_pixels": P(4, "drop shoeboxes with fewer unmasked pixels (with a warning)"),
+        "slope_sigma": P(0.1, "sigma of the weak Gaussian prior N(0, sigma^2) on the background "
+                         "slopes b1, b2 (ln background per pixel; None: no prior)", optional=True),
     },
     "uncertainty": {
         "calibrate": P(True, "include the restraints' bias in sigma (the restraints' pull at "
@@ -165,6 +197,18 @@ REFINE_SCHEMA = {
                        "the posterior sigma (F + H)^-1 alone, which counts the restraints as "
                        "information"),
     },
+    "lattice": {
+        "min_shoeboxes": P(3, "drop lattices with fewer usable shoeboxes (with a warning; "
+                           "counted in the result)"),
+        "ln_G_sigma": P(2.0, "sigma of the weak Gaussian prior on ln G of every lattice, about "
+                        "the median ln G fitted at the start curves (None: no prior)",
+                        optional=True),
+    },
+    "control": P(None, "negative control: permute_miller (Miller indices of the SF cache "
+                 "randomly permuted) or shuffle_channels (spectrum channels shuffled per "
+                 "lattice); both must erase the edge (None: the normal refinement)", type=str,
+                 choices=("permute_miller", "shuffle_channels"), optional=True),
+    "control_seed": P(1, "random seed of the control's permutations"),
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),
     "pixel_model": {
         "band_rtol": P(DEFAULT_RTOL, "channel band cut: relative tolerance on lambda per pixel (times "
@@ -217,6 +261,11 @@ class RefineResult:
     fdp_sigma_posterior: np.ndarray = None
     uncertainty: str = "posterior"
     restraint_scales: dict = dataclasses.field(default_factory=dict)
+    convergence: dict = dataclasses.field(default_factory=dict)
+    dropped: dict = dataclasses.field(default_factory=dict)
+    control: str = None
+    edge_step: np.ndarray = None
+    edge_step_sigma: np.ndarray = None
 
 
 def _start_curves(cfg, problem):
@@ -278,12 +327,17 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
         The result on rank 0, ``None`` on the other ranks.
     """
     from spread_tools.progress import progress
+    from spread_tools.refine.controls import apply_control
     _check_settings(cfg)
     comm = comm or get_comm()
     root = comm.rank == 0
     say = (log or (lambda s: None)) if root else (lambda s: None)
     t_start = time.perf_counter()
-    prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels)
+    check_optimizer_config(cfg)
+    datasets, cache = apply_control(datasets, cache, cfg.control, cfg.control_seed)
+    if cfg.control is not None:
+        say(f"control {cfg.control} (seed {cfg.control_seed}): the edge must vanish")
+    prepared = prepare_data(datasets, cache, cfg.shoebox.min_pixels, cfg.lattice.min_shoeboxes)
     for w in prepared.warnings:
         say(f"warning: {w}")
     problem = make_problem(prepared, cache, cfg, comm, backend=backend)
@@ -313,18 +367,42 @@ _REFUSED_OBJECTIVE = 1e300
 
 
 def _check_settings(cfg):
-    """Optimizer and checkpoint parameters that make no sense are InputErrors."""
+    """InputError for optimizer, checkpoint and lattice settings that cannot work (one line each)."""
     o = cfg.optimizer
-    for key, value, low in (("optimizer.iterations", o.iterations, 1),
-                            ("optimizer.max_macrocycles", o.max_macrocycles, 1),
-                            ("optimizer.memory", o.memory, 1)):
-        if value < low:
-            raise InputError(f"parameter {key}: must be at least {low}, got {value}")
-    if not o.gtol > 0:
-        raise InputError(f"parameter optimizer.gtol: must be positive, got {o.gtol}")
+    for key, v in (("iterations", o.iterations), ("max_macrocycles", o.max_macrocycles),
+                   ("memory", o.memory)):
+        if v < 1:
+            raise InputError(f"parameter optimizer.{key}: must be at least 1, got {v}")
+    if not (o.gtol > 0 and np.isfinite(o.gtol)):
+        raise InputError(f"parameter optimizer.gtol: must be a positive number, got {o.gtol:g}")
     if not cfg.checkpoint.interval_s >= 0:
         raise InputError(f"parameter checkpoint.interval_s: must be >= 0 s, got "
                          f"{cfg.checkpoint.interval_s}")
+    if cfg.lattice.min_shoeboxes < 1:
+        raise InputError(f"parameter lattice.min_shoeboxes: must be at least 1, got "
+                         f"{cfg.lattice.min_shoeboxes}")
+    sg = cfg.lattice.ln_G_sigma
+    if sg is not None and not (sg > 0 and np.isfinite(sg)):
+        raise InputError(f"parameter lattice.ln_G_sigma: must be positive (or None: no prior), "
+                         f"got {sg:g}")
+    ss = cfg.shoebox.slope_sigma
+    if ss is not None and not (ss > 0 and np.isfinite(ss)):
+        raise InputError(f"parameter shoebox.slope_sigma: must be positive (or None: no prior), "
+                         f"got {ss:g}")
+    if cfg.shoebox.min_pixels < 1:
+        raise InputError(f"parameter shoebox.min_pixels: must be at least 1, got {cfg.shoebox.min_pixels}")
+
+
+#: kept for callers of the former name
+check_optimizer_config = _check_settings
+
+
+def _projected(gz, z, zlo, zhi):
+    """Gradient with the components that push out of an active bound set to 0."""
+    out = gz.copy()
+    out[(z <= zlo) & (gz > 0)] = 0.0
+    out[(z >= zhi) & (gz < 0)] = 0.0
+    return out
 
 
 def _is_finite(f, g):
@@ -332,16 +410,47 @@ def _is_finite(f, g):
     return bool(np.isfinite(f)) and bool(np.all(np.isfinite(g)))
 
 
+CONVERGENCE_KEYS = ("objective_start", "objective_end", "local_fit_drop", "gradient_max",
+                    "iterations", "evaluations", "lbfgs_status", "time_s")
+
+
+def _z_bounds(pre, x_lo, x_hi, n_glob):
+    z_lo = np.full(len(x_lo), -np.inf)
+    z_hi = np.full(len(x_hi), np.inf)
+    z_lo[n_glob:] = x_lo[n_glob:] / pre.s
+    z_hi[n_glob:] = x_hi[n_glob:] / pre.s
+    return z_lo, z_hi
+
+
+def _at_bounds(p, x, x_lo, x_hi):
+    """Short text naming the parameters that sit on a bound ('' when none)."""
+    on = (x <= x_lo) | (x >= x_hi)
+    ng, nl = p.n_glob, p.n_lat
+    n_g = int(on[ng:ng + nl].sum())
+    b = x[ng + nl:].reshape(-1, 3)
+    on_b = on[ng + nl:].reshape(-1, 3)
+    empty = int(np.sum(on_b[:, 0] & (b[:, 0] <= x_lo[ng + nl])))
+    other = int(on_b.sum()) - empty
+    parts = ([f"{n_g} ln G"] if n_g else []) + \
+        ([f"{empty} shoebox background levels at the lower bound (shoeboxes without photons to "
+          f"speak of)"] if empty else []) + ([f"{other} other background parameters"] if other else [])
+    return ", ".join(parts)
+
+
 def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progress, prepared,
               dataset_names, cache_name, stop=None):
     p = problem
     ck = Checkpointer(checkpoint, "s1", answer_config(cfg), s1_fingerprint(prepared, p.cache),
                       interval_s=cfg.checkpoint.interval_s, stop=stop)
-    history = {"objective": [], "gradient_norm": [], "time_s": []}
+    history = {"objective": [], "gradient_norm": [], "time_s": [], "macrocycle": []}
+    conv = {k: [] for k in CONVERGENCE_KEYS}
     inner = None
     if resume and ck.exists():
         state = s1_from_checkpoint(ck.load(), p.n_x, checkpoint)
+        drv.start(curves)          # collective; sets the ln G prior's centre (x is the checkpoint's)
         x, history, macro = state["x"], state["history"], state["macrocycle"]
+        history.setdefault("macrocycle", [])
+        conv = {k: list(state["convergence"].get(k, [])) for k in CONVERGENCE_KEYS}
         done, message, inner = state["converged"], state["message"], state["inner"]
         drv.n_eval = state["n_evaluations"]
         where = f"macrocycle {macro} done" + (
@@ -354,54 +463,79 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         macro = 0
         done = False
         message = ""
+    mu = float(p.lnG_mu)
+    prior = p.lnG_prior()
+    say(f"ln G prior: " + (f"centre {mu:.4f} (median of the start fit), sigma {prior[1]:g}"
+                           if prior is not None else "off") +
+        f"; bounds |g - centre| <= {BOUND_LN_G:g}, |b0| <= {BOUND_B0:g}, |b1|,|b2| <= {BOUND_SLOPE:g}")
     t0 = time.perf_counter() - (history["time_s"][-1] if history["time_s"] else 0.0)
     gtol = float(cfg.optimizer.gtol)
     last = {}
+    x_lo, x_hi = p.local_bounds()
+    x = np.clip(x, x_lo, x_hi)
 
     def fun(z, pre):
         xx = pre.to_x(z)
         f, g = drv.call(_CMD_EVAL, xx)
         if not _is_finite(f, g):
-            # A trial step so long that λ overflows: refuse the point, the line search backs off.
+            # cannot happen inside the bounds; refused rather than fatal if it ever does
             return _REFUSED_OBJECTIVE, np.zeros_like(z)
-        last["f"], last["g"] = f, g
+        last["f"], last["g"], last["z"] = f, g, z
         return f, pre.grad_z(g)
 
-    def after_iteration(pre):
-        gn = float(np.max(np.abs(pre.grad_z(last["g"]))))
+    def after_iteration(pre, z_lo, z_hi, macrocycle):
+        gn = float(np.max(np.abs(_projected(pre.grad_z(last["g"]), last["z"], z_lo, z_hi))))
         history["objective"].append(float(last["f"]))
         history["gradient_norm"].append(gn)
         history["time_s"].append(time.perf_counter() - t0)
+        history["macrocycle"].append(float(macrocycle))
         it = len(history["objective"])
         bar.update(1)
         say(f"iter {it:5d}  objective {last['f']:.10e}  |grad|max {gn:.3e} (sigma units)  "
             f"time {history['time_s'][-1]:.2f} s")
 
     bar = progress(total=None, desc="S1", quiet=quiet, unit="it")
+    gmax = float("nan")
     while not done and macro < cfg.optimizer.max_macrocycles:
         if inner is not None:                      # resume inside a macrocycle, exactly
             hd = (np.asarray(inner["H_glob"]), np.asarray(inner["diag_loc"]))
-            f_before = inner["f_before"]
+            f_before, f_loc, n_eval0 = inner["f_before"], inner["f_loc"], inner["n_eval0"]
+            t_mc = time.perf_counter() - inner["elapsed_s"]
             run = LbfgsbRun.from_state(inner["lbfgs"])
             if np.isfinite(inner["last_f"]):
-                last["f"], last["g"] = inner["last_f"], inner["last_g"]
+                last["f"], last["g"], last["z"] = inner["last_f"], inner["last_g"], inner["last_z"]
             inner = None
         else:
-            hd = drv.call(_CMD_DIAG, x)
+            # exact local fit (scales, backgrounds) at the current curves, kept if it helps
+            t_mc = time.perf_counter()
+            n_eval0 = drv.n_eval
             f_before, _ = drv.call(_CMD_EVAL, x)
+            x_loc = np.clip(drv.call(_CMD_LOCALS, x), x_lo, x_hi)
+            f_loc, _ = drv.call(_CMD_EVAL, x_loc)
+            if f_loc <= f_before:
+                x = x_loc
+            else:
+                f_loc = f_before
+            hd = drv.call(_CMD_DIAG, x)
             run = None
         pre = _Preconditioner(*hd, p.n_glob)
+        z_lo, z_hi = _z_bounds(pre, x_lo, x_hi, p.n_glob)
         if run is None:
-            run = LbfgsbRun(pre.to_z(x), maxiter=int(cfg.optimizer.iterations),
-                            maxcor=int(cfg.optimizer.memory), gtol=gtol, ftol=1e-15, maxls=40)
+            run = LbfgsbRun(np.clip(pre.to_z(x), z_lo, z_hi), maxiter=int(cfg.optimizer.iterations),
+                            maxcor=int(cfg.optimizer.memory), gtol=gtol, ftol=1e-15, maxls=40,
+                            lower=z_lo, upper=z_hi)
 
-        def state_now(_pre=pre, _hd=hd, _run=run, _f_before=f_before):
+        def state_now(_pre=pre, _hd=hd, _run=run, _f_before=f_before, _f_loc=f_loc,
+                      _n_eval0=n_eval0, _t_mc=t_mc):
             return s1_state(macro, False, message, _pre.to_x(_run.x), history, p.site_names,
-                            drv.n_eval, inner={"H_glob": _hd[0], "diag_loc": _hd[1],
-                                               "f_before": _f_before,
-                                               "last_f": last.get("f", np.nan),
-                                               "last_g": last.get("g", np.zeros(0)),
-                                               "lbfgs": _run.state()})
+                            drv.n_eval, convergence=conv,
+                            inner={"H_glob": _hd[0], "diag_loc": _hd[1], "f_before": _f_before,
+                                   "f_loc": _f_loc, "n_eval0": _n_eval0,
+                                   "elapsed_s": time.perf_counter() - _t_mc,
+                                   "last_f": last.get("f", np.nan),
+                                   "last_g": last.get("g", np.zeros(0)),
+                                   "last_z": last.get("z", np.zeros(0)),
+                                   "lbfgs": _run.state()})
 
         while not run.done:
             # a consistent point: everything needed to continue is in run, pre, history
@@ -411,26 +545,37 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
                 run.give(*fun(run.x_requested, pre))
             run.advance()
             if run.new_iteration:
-                after_iteration(pre)
-        x = pre.to_x(run.x)
+                after_iteration(pre, z_lo, z_hi, macro + 1)
+        z = np.clip(run.x, z_lo, z_hi)
+        x = pre.to_x(z)
         macro += 1
         f_after, g_after = drv.call(_CMD_EVAL, x)
-        gmax = float(np.max(np.abs(pre.grad_z(g_after))))
-        say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e}, |grad|max {gmax:.3e}, "
-            f"{run.nit} iterations ({run.message})")
+        gmax = float(np.max(np.abs(_projected(pre.grad_z(g_after), z, z_lo, z_hi))))
+        say(f"macrocycle {macro}: objective {f_before:.10e} -> {f_after:.10e} (local fit "
+            f"{f_before - f_loc:.4g}), |grad|max {gmax:.3e}, {run.nit} iterations ({run.message})")
+        for k, v in (("objective_start", f_before), ("objective_end", f_after),
+                     ("local_fit_drop", f_before - f_loc), ("gradient_max", gmax),
+                     ("iterations", run.nit), ("evaluations", drv.n_eval - n_eval0),
+                     ("lbfgs_status", run.status), ("time_s", time.perf_counter() - t_mc)):
+            conv[k].append(float(v))
         if gmax <= gtol:
             done, message = True, f"converged: |grad|max {gmax:.3e} <= gtol {gtol:g}"
         elif not f_after < f_before - 1e-12 * max(1.0, abs(f_before)):
             done, message = True, (f"stopped: objective no longer decreases (round-off), "
-                                        f"|grad|max {gmax:.3e}")
+                                   f"|grad|max {gmax:.3e}")
         else:
             message = f"not converged after {macro} macrocycles: |grad|max {gmax:.3e} > gtol {gtol:g}"
         if checkpoint is not None:
-            ck.save(s1_state(macro, done, message, x, history, p.site_names, drv.n_eval))
+            ck.save(s1_state(macro, done, message, x, history, p.site_names, drv.n_eval,
+                             convergence=conv))
     # a stop that came during the last macrocycle's end: the checkpoint is current
     ck.raise_if_stopped(f"macrocycle {macro} done")
     bar.close()
     say(message)
+    at_bound = _at_bounds(p, x, x_lo, x_hi)
+    if at_bound:
+        prepared.warnings.append(f"parameters on a bound at the end: {at_bound}")
+        say(f"warning: parameters on a bound at the end: {at_bound}")
     f_final, _ = drv.call(_CMD_EVAL, x)
     t_unc = time.perf_counter()
     F = drv.call(_CMD_FISHER, x)
@@ -464,6 +609,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         e, es = edge_position(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)])
         edges.append(e)
         edge_s.append(es)
+    steps, step_s = _edge_steps(p, fdp, cov)
     lattice_G = np.full(prepared.n_lat_total, np.nan)
     lattice_G[prepared.lattice_orig] = np.exp(g)
     bgs = np.full((prepared.n_sb_total, 3), np.nan)
@@ -480,7 +626,27 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         warnings=list(prepared.warnings), x=x, fp_sigma_posterior=fp_sigma_post,
         fdp_sigma_posterior=fdp_sigma_post,
         uncertainty="calibrated" if cov is not cov_post else "posterior",
-        restraint_scales=dict(zip(calibration["names"], calibration["tau"])))
+        restraint_scales=dict(zip(calibration["names"], calibration["tau"])),
+        convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
+        dropped=dict(prepared.dropped), control=cfg.control,
+        edge_step=np.array(steps), edge_step_sigma=np.array(step_s))
+
+
+def _edge_steps(p, fdp, cov):
+    """Fitted f'' edge step of every site about its reference table's edge, with sigma."""
+    from spread_tools.physics.scattering import reference_fp_fdp
+    from spread_tools.refine.controls import edge_step
+    n = p.n_ref * p.n_grid
+    steps, sig = [], []
+    for s, el in enumerate(p.site_elements):
+        ref = reference_fp_fdp(el, p.grid_ev, p.cfg.reference)[1]
+        e0 = edge_position(p.grid_ev, ref)[0]
+        idx = n + s * p.n_grid + np.arange(p.n_grid)
+        st, ss = edge_step(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)], e0) if np.isfinite(e0) else \
+            (float("nan"), float("nan"))
+        steps.append(st)
+        sig.append(ss)
+    return steps, sig
 
 
 # --------------------------------------------------------------------------- result IO
@@ -545,6 +711,13 @@ def write_result(path, result, overwrite=False):
                     h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
             h5.attrs["uncertainty"] = str(getattr(result, "uncertainty", "posterior"))
             h5.attrs["restraint_scales"] = json.dumps(getattr(result, "restraint_scales", {}) or {})
+            for k, v in (result.convergence or {}).items():
+                h5.create_dataset(f"convergence/{k}", data=np.asarray(v, dtype=np.float64))
+            for k in ("edge_step", "edge_step_sigma"):
+                if getattr(result, k) is not None:
+                    h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
+            h5.attrs["dropped"] = json.dumps(result.dropped or {})
+            h5.attrs["control"] = str(result.control or "")
         with open(tmp_csv, "w", encoding="utf-8") as fh:
             fh.write("\n".join(lines) + "\n")
     return csv_path
@@ -578,13 +751,23 @@ def read_result(path):
             if k in h5:
                 out[k] = read_array(h5, k, np.float64)
         out["history"] = {k: read_array(h5, f"history/{k}", np.float64)
-                          for k in ("objective", "gradient_norm", "time_s") if f"history/{k}" in h5}
+                          for k in ("objective", "gradient_norm", "time_s", "macrocycle")
+                          if f"history/{k}" in h5}
+        out["convergence"] = {k: read_array(h5, f"convergence/{k}", np.float64)
+                              for k in CONVERGENCE_KEYS if f"convergence/{k}" in h5}
+        for k in ("edge_step", "edge_step_sigma"):
+            if k in h5:
+                out[k] = read_array(h5, k, np.float64)
+        try:
+            out["dropped"] = json.loads(str(h5.attrs.get("dropped", "{}")))
+        except json.JSONDecodeError:
+            out["dropped"] = {}
         try:
             out["config"] = json.loads(str(h5.attrs.get("config", "{}")))
         except json.JSONDecodeError:
             out["config"] = {}
         for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks",
-                  "uncertainty", "restraint_scales"):
+                  "uncertainty", "restraint_scales", "control"):
             if k in h5.attrs:
                 v = h5.attrs[k]
                 out[k] = v.decode() if isinstance(v, bytes) else v

@@ -87,4 +87,12 @@ def test_bad_inputs_one_line(tmp_path):
     _one_line_error(runner.invoke(app, [str(SIM / "sim.expt"), "-o", out]), "give the .expt and the .refl together")
     _one_line_error(runner.invoke(app, [str(SIM / "sim.list"), "-o", out, "flags.require=integrated_summ"]),
                     "unknown DIALS reflection flag")
+    # accepted before (an empty dataset, exit 0): issue 13
+    _one_line_error(runner.invoke(app, [str(SIM / "sim.list"), "-o", out, "d_min=5", "d_max=4"]),
+                    "d_min (the high-resolution limit) must be below d_max")
+    _one_line_error(runner.invoke(app, [str(SIM / "sim.list"), "-o", out, "d_min=-1"]),
+                    "parameter d_min: must be a positive resolution")
+    # a resolution window without reflections: nothing written
+    _one_line_error(runner.invoke(app, [str(SIM / "sim.list"), "-o", out, "-q", "d_min=40", "d_max=50"]),
+                    "no reflection left")
     assert not Path(out).exists()

@@ -88,7 +88,7 @@ def test_show_config_and_help():
 
 
 @pytest.mark.parametrize("case", ["no_cache", "no_output", "missing", "site", "grid", "cell",
-                                  "not_dataset", "bad_key"])
+                                  "not_dataset", "bad_key", "iterations", "control"])
 def test_bad_input_gives_one_line(case, tiny_file, tmp_path):
     out = str(tmp_path / "r.h5")
     args = {"no_cache": ([str(tiny_file), "-o", out], "--sf-cache"),
@@ -99,7 +99,12 @@ def test_bad_input_gives_one_line(case, tiny_file, tmp_path):
                      "does not cover"),
             "not_dataset": ([str(CACHE), "--sf-cache", str(CACHE), "-o", out], "expected spread_tools.dataset"),
             "bad_key": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out, "restraints.fp.sigmaa=1"],
-                        "unknown parameter")}
+                        "unknown parameter"),
+            # accepted before (one iteration per macrocycle): issue 13
+            "iterations": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out,
+                            "optimizer.iterations=-1"], "optimizer.iterations: must be at least 1"),
+            "control": ([str(tiny_file), "--sf-cache", str(CACHE), "-o", out,
+                         "control=permute_hkl"], "parameter control")}
     if case == "cell":
         ds = Dataset.read(tiny_file)
         other = dataclasses.replace(ds, cell=np.asarray(ds.cell) * [1.05, 1, 1, 1, 1, 1])

@@ -100,10 +100,14 @@ def test_objective_twice_bit_identical(tiny, cache):
 
 
 def test_objective_is_poisson_nll_brute_force(tiny, cache):
-    """Data term against λ computed independently (direct_lambda) and the saturated constant."""
+    """Data term against λ computed independently (direct_lambda) and the saturated constant,
+    plus the priors written out here: ln G ((g - median start g)² / (2 σ²)) and the
+    background slopes (b1² + b2²) / (2 σ_s²)."""
     from spread_tools.model.pixel import direct_lambda
-    p = problem(tiny, cache, "restraints.fp.mean=None", "restraints.fdp.mean=None")
+    p = problem(tiny, cache, "restraints.fp.mean=None", "restraints.fdp.mean=None",
+                "lattice.ln_G_sigma=0.5")
     x = start_x(p)
+    x[p.n_glob:p.n_glob + p.n_lat] += [0.3, -0.2]          # off the prior's centre
     f, _ = p.evaluate(x)
     fp, fdp, g, b = p.split(x)
     I, _, _ = p._intensities(fp, fdp, grad=False)
@@ -115,6 +119,11 @@ def test_objective_is_poisson_nll_brute_force(tiny, cache):
     m = p.local.mask
     sat = np.where(k > 0, k - k * np.log(np.where(k > 0, k, 1)), 0.0)
     expect = np.sum((lam - k * np.log(lam))[m]) - np.sum(sat[m])
+    g_start = start_x(p)[p.n_glob:p.n_glob + p.n_lat]
+    assert p.lnG_mu == pytest.approx(np.median(g_start), abs=0.3)   # fitted again with the prior
+    expect += np.sum((g - p.lnG_mu) ** 2) / (2 * 0.5 ** 2)
+    assert np.any(b[:, 1:] != 0)
+    expect += np.sum(b[:, 1:] ** 2) / (2 * 0.1 ** 2)
     assert f == pytest.approx(expect, rel=1e-9)
 
 
@@ -484,6 +493,8 @@ def test_channel_space_fisher_matches_pixel_route(full, cache):
     F, dg, dl = p.local_fisher(x, chunk=17, route="channel")
     F_ref = p.local_fisher_profiled(x)
     dg_ref, dl_ref = p.local_fisher_diag(x)
+    dl_ref[:p.n_lat] += 1.0 / p.lnG_sigma ** 2           # the ln G prior's curvature
+    dl_ref[p.n_lat:].reshape(-1, 3)[:, 1:] += 1.0 / p.slope_sigma ** 2   # and the slope prior's
     scale = np.abs(F_ref).max()
     assert np.max(np.abs(F - F_ref)) < 1e-9 * scale
     np.testing.assert_allclose(dg, dg_ref, rtol=1e-9, atol=1e-12 * dg_ref.max())
@@ -522,3 +533,100 @@ def test_band_rtol_parameter_checked(tiny, cache):
         problem(tiny, cache, "pixel_model.band_rtol=2")
     with pytest.raises(InputError, match="pixel_model.band_floor"):
         problem(tiny, cache, "pixel_model.band_floor=-1")
+
+
+# --------------------------------------------------------------------------- well-posed locals, convergence record
+
+def test_lattices_with_few_shoeboxes_dropped_counted(full, cache):
+    ds = full.select_lattices([0, 1, 2])
+    keep = np.ones(ds.n_shoeboxes, bool)
+    on1 = np.flatnonzero(ds.sb_lattice == 1)
+    keep[on1[2:]] = False                                  # lattice 1 keeps 2 shoeboxes
+    ds = ds.select_shoeboxes(keep)
+    prep = R.prepare_data([ds], cache, 4, min_shoeboxes=3)
+    assert prep.ds.n_lattices == 2 and list(prep.lattice_orig) == [0, 2]
+    assert prep.dropped["lattices_few_shoeboxes"] == 1
+    assert prep.dropped["shoeboxes_of_dropped_lattices"] == 2
+    assert any("lattice.min_shoeboxes" in w for w in prep.warnings)
+    assert R.prepare_data([ds], cache, 4, min_shoeboxes=2).ds.n_lattices == 3
+    with pytest.raises(InputError, match="min_shoeboxes"):
+        R.prepare_data([ds], cache, 4, min_shoeboxes=0)
+
+
+@pytest.mark.parametrize("word, fragment", [("optimizer.iterations=-1", "optimizer.iterations"),
+                                            ("optimizer.iterations=0", "optimizer.iterations"),
+                                            ("optimizer.max_macrocycles=0", "max_macrocycles"),
+                                            ("optimizer.gtol=0", "optimizer.gtol"),
+                                            ("optimizer.memory=0", "optimizer.memory"),
+                                            ("lattice.ln_G_sigma=-1", "ln_G_sigma"),
+                                            ("lattice.min_shoeboxes=0", "min_shoeboxes")])
+def test_optimizer_settings_that_cannot_work_are_refused(tiny, cache, word, fragment):
+    with pytest.raises(InputError, match=fragment):
+        R.refine([tiny], cache, cfg_of(word), backend="cpu")
+
+
+def test_bounds_keep_every_trial_point_finite(tiny, cache):
+    p = problem(tiny, cache)
+    x = start_x(p)
+    lo, hi = p.local_bounds()
+    assert np.all(np.isinf(lo[:p.n_glob])) and np.all(lo[p.n_glob:] < x[p.n_glob:])
+    assert np.all(hi[p.n_glob:] > x[p.n_glob:])
+    # the worst point inside the bounds: finite objective and gradient, no overflow warning
+    worst = np.where(np.arange(p.n_x) < p.n_glob, x, hi)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f, g = p.evaluate(worst)
+    assert np.isfinite(f) and np.all(np.isfinite(g))
+    gz = np.array([1.0, -1.0, 1.0, -1.0])
+    z = np.array([0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_array_equal(s1._projected(gz, z, np.array([0.0, 0, -5, -5]),
+                                                np.array([5.0, 5, 1, 1])), [0.0, -1.0, 1.0, 0.0])
+
+
+@pytest.fixture(scope="module")
+def bad_start(tiny):
+    """Counts of lattice 1 scaled by 1/300: its moment-match start is far off and nearly empty."""
+    k = tiny.counts.astype(np.float64).copy()
+    on1 = np.repeat(tiny.sb_lattice == 1, np.diff(tiny.pixel_offset))
+    rng = np.random.default_rng(0)
+    k[on1] = rng.poisson(k[on1] / 300.0 + 0.01)
+    return dataclasses.replace(tiny, counts=k.astype(tiny.counts.dtype))
+
+
+def test_refine_converges_without_overflow_and_records_macrocycles(bad_start, cache, tmp_path):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)       # an overflow in exp(g) would raise
+        res = R.refine([bad_start], cache, cfg_of("optimizer.iterations=3"), backend="cpu")
+    assert res.converged, res.message
+    c = res.convergence
+    n_mc = len(c["objective_end"])
+    assert n_mc >= 2 and all(len(v) == n_mc for v in c.values())
+    assert np.all(c["objective_end"] <= c["objective_start"])
+    assert np.all(c["local_fit_drop"] >= 0) and c["gradient_max"][-1] <= 1e-3
+    assert c["iterations"].sum() == len(res.history["objective"])
+    np.testing.assert_array_equal(np.unique(res.history["macrocycle"]), np.arange(1, n_mc + 1))
+    assert res.history["gradient_norm"][-1] == pytest.approx(c["gradient_max"][-1], rel=0.5)
+    assert np.all(np.isfinite(res.lattice_G)) and res.lattice_G[1] < 0.1 * res.lattice_G[0]
+    out = tmp_path / "r.h5"
+    R.write_result(out, res)
+    back = R.read_result(out)
+    for k, v in c.items():
+        np.testing.assert_array_equal(back["convergence"][k], v)
+    np.testing.assert_array_equal(back["history"]["macrocycle"], res.history["macrocycle"])
+    assert back["dropped"] == res.dropped
+
+
+def test_resume_keeps_the_convergence_record(tiny, cache, tmp_path):
+    ck = tmp_path / "c.ckpt.h5"
+    base = ("optimizer.iterations=2",)
+    whole = R.refine([tiny], cache, cfg_of(*base), backend="cpu")
+    first = R.refine([tiny], cache, cfg_of(*base, "optimizer.max_macrocycles=1"), checkpoint=ck,
+                     backend="cpu")
+    assert not first.converged
+    again = R.refine([tiny], cache, cfg_of(*base), checkpoint=ck, resume=True, backend="cpu")
+    assert again.converged
+    np.testing.assert_array_equal(again.x, whole.x)
+    for k in ("objective_start", "objective_end", "gradient_max", "iterations", "evaluations"):
+        np.testing.assert_array_equal(again.convergence[k], whole.convergence[k])
