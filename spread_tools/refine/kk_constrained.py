@@ -183,6 +183,19 @@ class KKConstrainedProblem:
         J = self.curve_jacobian()
         return fp, fdp, J @ cov @ J.T
 
+    def local_bounds(self):
+        """Bounds of every entry of ``x``: θ free, the locals as in the inner problem."""
+        lo_i, hi_i = self.inner.local_bounds()
+        lo = np.full(self.n_x, -np.inf)
+        hi = np.full(self.n_x, np.inf)
+        lo[self.n_glob:] = lo_i[self.inner.n_glob:]
+        hi[self.n_glob:] = hi_i[self.inner.n_glob:]
+        return lo, hi
+
+    def refit_locals(self, x):
+        """This rank's g and b refitted exactly at the curves of ``x`` (the inner problem's fit)."""
+        return self.inner.refit_locals(self.to_inner(x))
+
     # ------------------------------------------------------------------ evaluation
     def local_objective(self, x):
         """This rank's data term; gradients with respect to θ (global) and the local block."""
@@ -229,7 +242,7 @@ class KKConstrainedProblem:
         the start f′) and this rank's g, b (the inner problem's start at those curves)."""
         from spread_tools.physics.kk_reference import reference_curve
         inn = self.inner
-        n_ref, ng = inn.n_ref, self.n_grid
+        n_ref = inn.n_ref
         if start_curves is None:
             u = np.array([reference_curve(el, inn.cfg.reference).fdp(self.grid_ev)
                           for el in inn.site_elements])

@@ -465,7 +465,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         message = ""
     mu = float(p.lnG_mu)
     prior = p.lnG_prior()
-    say(f"ln G prior: " + (f"centre {mu:.4f} (median of the start fit), sigma {prior[1]:g}"
+    say("ln G prior: " + (f"centre {mu:.4f} (median of the start fit), sigma {prior[1]:g}"
                            if prior is not None else "off") +
         f"; bounds |g - centre| <= {BOUND_LN_G:g}, |b0| <= {BOUND_B0:g}, |b1|,|b2| <= {BOUND_SLOPE:g}")
     t0 = time.perf_counter() - (history["time_s"][-1] if history["time_s"] else 0.0)

@@ -89,7 +89,6 @@ def test_malformed_option_is_one_line_naming_the_script():
 
 
 def test_os_errors_become_one_line(tmp_path):
-    import typer
 
     from spread_tools.cli.common import make_app
     demo = make_app("demo3", "Demo.")

@@ -194,7 +194,7 @@ def test_s1_maps_to_xyzcal_for_every_reflection(cunir):
 def test_parallax_shift_is_what_dials_applies(cunir):
     """Without the parallax correction xyzcal.px is off by up to ~0.35 px (0.45 mm Si)."""
     el, t = cunir
-    panel, info = el.detectors[0].detector[0], el.detectors[0].info[0]
+    panel = el.detectors[0].detector[0]
     sel = t["id"] == 0
     thin = s1_to_mm(panel, t["s1"][sel]) / panel.pixel_size_mm
     shift = np.abs(thin - t["xyzcal.px"][sel, :2]).max()

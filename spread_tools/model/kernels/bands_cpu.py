@@ -614,9 +614,7 @@ def model_pass(values, sb_offset, mask, pix_off, bbox, sb_lat, sb_h, span_lo, sp
             b0 = bg[k, 0]
             b1 = bg[k, 1]
             b2 = bg[k, 2]
-            x0 = bbox[k, 0]
             width = bbox[k, 1] - bbox[k, 0]
-            y0 = bbox[k, 2]
             height = bbox[k, 3] - bbox[k, 2]
             xs = 0.5 - 0.5 * width           # x̂ of the first column (pixel centre − shoebox centre)
             ys = 0.5 - 0.5 * height
