@@ -125,6 +125,7 @@ class S1Problem(FisherInformationMixin):
         if self.local.n_shoeboxes:
             self.pm = build_pixel_model(self.local, cfg, backend)
             self.h_rows = cache.index_of(self.pm.hkl)
+            self.xh, self.yh = self.pm.pixel_offsets_xy()
             k = self.pm.counts.astype(np.float64)
             m = self.pm.mask
             kk = k[m]

@@ -84,3 +84,39 @@ def test_inconsistent_state_refused():
         LbfgsbRun.from_state(st)
     with pytest.raises(RuntimeError, match="give f and g"):
         run.advance()
+
+
+def test_bounds_same_path_as_scipy_and_survive_a_restore():
+    """Box bounds (some one-sided, some active at the end) follow scipy's bounded path bit for
+    bit, also when the run is restored from its state half way."""
+    x0 = np.linspace(-1.2, 1.5, 25)
+    lo = np.full(25, -np.inf)
+    hi = np.full(25, np.inf)
+    lo[::3] = 1.2                     # lower bounds above the optimum (1): active at the end
+    hi[1::3] = 0.3                    # upper bounds below it
+    lo[2], hi[2] = -0.5, 0.5          # both
+    xs = []
+    ref = so.minimize(rosen, x0, jac=True, method="L-BFGS-B", bounds=so.Bounds(lo, hi),
+                      callback=lambda intermediate_result: xs.append(intermediate_result.x.copy()),
+                      options=dict(maxiter=400, maxcor=7, gtol=1e-9, ftol=1e-15, maxls=40))
+    run = LbfgsbRun(x0, **OPTS, lower=lo, upper=hi)
+    mine = []
+    while not run.done:
+        if run.nfev == 10:
+            run = LbfgsbRun.from_state({k: v.copy() for k, v in run.state().items()})
+        if run.wants_evaluation:
+            run.give(*rosen(run.x_requested))
+        run.advance()
+        if run.new_iteration:
+            mine.append(run.x.copy())
+    assert run.nit == ref.nit and np.array_equal(run.x, ref.x)
+    assert len(mine) == len(xs) and all(np.array_equal(a, b) for a, b in zip(mine, xs))
+    assert run.status == ref.status
+    assert np.all(run.x >= lo) and np.all(run.x <= hi) and np.any(run.x == lo) and np.any(run.x == hi)
+
+
+def test_bounds_checked():
+    with pytest.raises(ValueError, match="bounds"):
+        LbfgsbRun(np.zeros(3), **OPTS, lower=np.ones(3), upper=np.zeros(3))
+    with pytest.raises(ValueError, match="bounds"):
+        LbfgsbRun(np.zeros(3), **OPTS, lower=np.zeros(2))
