@@ -119,9 +119,6 @@ def test_result_and_table_labelled_apart():
         plot_curves([{"S": res}], energy_range_ev=(3.0, 1.0))
 
 
-    assert len(fig.axes[0].collections) == 1       # the ±1σ band
-
-
 def test_convergence_trace_library_and_cli(result_files, tmp_path):
     from spread_tools.plots import plot_convergence
     data, (sauter, kk) = result_files

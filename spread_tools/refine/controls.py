@@ -2,10 +2,13 @@
 
 The reference workflow asks for two controls that must erase the anomalous signal:
 
-* ``permute_miller``: the Miller indices of the SF cache are randomly permuted, so that
-  every shoebox is modelled with the structure factor (and the site sums) of another,
-  random reflection. The data's energy dependence then has nothing to correlate with:
-  no edge, f″ flat within σ.
+* ``permute_miller``: the Miller indices of the metal sites' anomalous terms are randomly
+  permuted: every reflection is modelled with its own structure factor at f′ = f″ = 0
+  (protein, solvent and the sites' f0), but with the site sums S_s of another, random
+  reflection multiplying f′ + i f″. The data's site-specific energy dependence then has
+  nothing to correlate with: no edge, f″ flat within σ. (Permuting the whole structure
+  factor instead makes the model wrong by 100 % of |F|; f′/f″ then absorb that misfit,
+  f″ of ±30 e⁻ with structure far beyond σ: a test of nothing.)
 * ``shuffle_channels``: the spectrum channels of every lattice are shuffled (one random
   permutation of its channel weights per lattice), so that the photons of a shot are
   credited to the wrong energies: same expectation.
@@ -31,7 +34,7 @@ CONTROLS = ("permute_miller", "shuffle_channels")
 
 
 def permute_miller(cache, rng):
-    """The SF cache with its Miller-index list randomly permuted (data rows unchanged).
+    """The SF cache with the sites' anomalous terms moved to randomly permuted Miller indices.
 
     Parameters
     ----------
@@ -41,11 +44,16 @@ def permute_miller(cache, rng):
     Returns
     -------
     SFCache
-        Row i carries the structure factor of the original row i under the index of the
-        original row ``perm[i]``; the set of indices (and so every dataset check) is unchanged.
+        Same indices; ``S_site`` and ``f0_site`` of row i are those of row ``perm[i]``, and
+        ``F_base`` absorbs the difference of the sites' f0 contributions, so that the
+        structure factor of every reflection at f′ = f″ = 0 is unchanged
+        (F = F_base + Σ_el S_el (f′ + i f″) + Σ_s S_s (f0_s + f′_s + i f″_s)).
     """
     perm = rng.permutation(cache.n_h)
-    return dataclasses.replace(cache, hkl=np.ascontiguousarray(cache.hkl[perm]))
+    S = np.ascontiguousarray(cache.S_site[:, perm])
+    f0 = np.ascontiguousarray(cache.f0_site[:, perm])
+    F_base = cache.F_base + np.sum(cache.S_site * cache.f0_site, axis=0) - np.sum(S * f0, axis=0)
+    return dataclasses.replace(cache, F_base=F_base, S_site=S, f0_site=f0)
 
 
 def shuffle_channels(ds, rng):

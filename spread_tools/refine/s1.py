@@ -204,9 +204,10 @@ REFINE_SCHEMA = {
                         "the median ln G fitted at the start curves (None: no prior)",
                         optional=True),
     },
-    "control": P(None, "negative control: permute_miller (Miller indices of the SF cache "
-                 "randomly permuted) or shuffle_channels (spectrum channels shuffled per "
-                 "lattice); both must erase the edge (None: the normal refinement)", type=str,
+    "control": P(None, "negative control: permute_miller (the sites' anomalous terms moved to "
+                 "randomly permuted Miller indices; must erase the edge) or shuffle_channels "
+                 "(spectrum channels shuffled per lattice; breaks the spot model too) (None: the "
+                 "normal refinement)", type=str,
                  choices=("permute_miller", "shuffle_channels"), optional=True),
     "control_seed": P(1, "random seed of the control's permutations"),
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),

@@ -268,9 +268,9 @@ MISTAKES = {"read_only_folder": read_only_folder, "output_is_input": output_is_i
 EXTRA = [
     ("simulate_data", ["--lattices", "abc"], "Invalid value for '--lattices'"),
     ("kk_check", ["--max-rms", "abc"], "Invalid value for '--max-rms'"),
-    ("import_dials", ["d_min=5", "d_max=4"], "parameter d_min"),
+    ("import_dials", ["d_min=5", "d_max=4"], "d_min=5, d_max=4"),
     ("refine_fdp", ["optimizer.iterations=-1"], "parameter optimizer.iterations"),
-    ("plot_curves", ["energy.min_ev=7170", "energy.max_ev=7070"], "parameter energy.max_ev"),
+    ("plot_curves", ["energy.min_ev=7170", "energy.max_ev=7070"], "energy.min_ev=7170, energy.max_ev=7070"),
     # refine_geometry (issue 10): restraint sigma <= 0, an unknown family, bad bounds, a table
     # that does not cover the spectra
     ("refine_geometry", ["cell.sigma_fraction=0"], "cell.sigma_fraction"),

@@ -22,7 +22,13 @@ import numpy as np
 from numba import cuda, float32, float64, int64
 
 from spread_tools.model.kernels import GAUSS_SHAPE_CONST, R_E2_A2
-from spread_tools.model.kernels.cuda import TPB, to_device
+from spread_tools.model.kernels.cuda import (  # noqa: F401  (the shared reductions, used from here)
+    TPB,
+    blocks_for,
+    reduce_by_csr,
+    sum_fixed_order,
+    to_device,
+)
 
 __all__ = ["band_lengths", "band_values", "model_pass", "expected_counts", "reduce_spans_by_h", "build_bands"]
 
