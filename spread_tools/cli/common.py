@@ -82,6 +82,14 @@ ShowConfig = Annotated[bool, typer.Option(
     "--show-config", help="Print the effective parameters as TOML and exit.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, fewer log lines.")]
+#: ``--sf-cache`` of the refinement scripts.
+SfCache = Annotated[Optional[Path], typer.Option(
+    "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
+                             "as the dataset(s).")]
+#: ``--resume`` of the scripts that checkpoint.
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="Continue from the checkpoint (<output stem>.ckpt.h5 or checkpoint.path) "
+                     "when it exists; it must come from the same inputs and parameters.")]
 
 
 class _OneLineUsageError(ClickException):

@@ -18,7 +18,6 @@ line with the command that continues, and exits 128 + the signal number.
 import contextlib
 import time
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
@@ -26,6 +25,8 @@ from spread_tools.cli.common import (
     ConfigFile,
     Overwrite,
     Quiet,
+    Resume,
+    SfCache,
     ShowConfig,
     Words,
     claim_outputs,
@@ -44,14 +45,8 @@ from spread_tools.refine.s1 import REFINE_SCHEMA
 SCRIPT = "refine_fdp"
 SCHEMA = REFINE_SCHEMA
 
-SfCache = Annotated[Optional[Path], typer.Option(
-    "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
-                             "as the dataset(s).")]
 Output = output_option("Result file to write (.h5); the table goes next to it as <stem>.csv "
                        "and the checkpoint as <stem>.ckpt.h5.")
-Resume = Annotated[bool, typer.Option(
-    "--resume", help="Continue from the checkpoint (<output>.ckpt.h5 or checkpoint.path) when "
-                     "it exists; it must come from the same inputs and parameters.")]
 
 app = make_app(SCRIPT, "Refine per-site anomalous scattering factors f'(E), f''(E) (e-) on an "
                        "energy grid (eV) from SPREAD still-shot datasets (the S1 step): Poisson "

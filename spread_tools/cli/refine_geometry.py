@@ -18,7 +18,6 @@ NLL before/after, rotation change, cell, N, mosaic, G, centroid RMSD before/afte
 import contextlib
 import time
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
@@ -26,6 +25,8 @@ from spread_tools.cli.common import (
     ConfigFile,
     Overwrite,
     Quiet,
+    Resume,
+    SfCache,
     ShowConfig,
     Words,
     claim_outputs,
@@ -44,14 +45,8 @@ from spread_tools.refine.crystal_models import GEOMETRY_SCHEMA
 SCRIPT = "refine_geometry"
 SCHEMA = GEOMETRY_SCHEMA
 
-SfCache = Annotated[Optional[Path], typer.Option(
-    "--sf-cache", "-s", help="Structure-factor cache (.h5) from cache_sf, same model and cell "
-                             "as the dataset.")]
 Output = output_option("Refined dataset to write (.h5); the per-lattice table goes next to it as "
                        "<stem>.lattices.csv and the checkpoint as <stem>.ckpt.h5.")
-Resume = Annotated[bool, typer.Option(
-    "--resume", help="Continue from the checkpoint (<stem>.ckpt.h5 or checkpoint.path) when it "
-                     "exists; it must come from the same inputs and parameters.")]
 USAGE = "DATASET.h5 --sf-cache SF_CACHE.h5 -o REFINED.h5 [key=value ...] [OPTIONS]"
 EXAMPLE = "refine_geometry dataset.h5 --sf-cache sf_cache.h5 -o refined.h5 cell.sigma_fraction=0.003"
 
