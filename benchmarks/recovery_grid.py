@@ -21,8 +21,10 @@ difference projects on the true one with a factor above 0.5 and the f″ rms of 
 is at most 0.3 e⁻; the breaking point of a step is the smallest N from which every larger
 N is recovered.
 
-Memory: S1 holds dense channel weights (pixels × channels × 4 bytes) plus ~150 bytes per
-pixel; cells estimated above ``--max-gb`` are skipped with a line saying so. Every cell runs
+Memory: S1 on channel bands peaks at about 0.6 GB plus 150 bytes per pixel plus 0.5 bytes
+per pixel and channel (the band values; measured 1.1 GB at 5.8M px × 26 channels, 3.8 GB at
+23.4M px × 101, 4.8 GB at 23.4M px × 201, ``benchmarks/RESULTS.md``); cells estimated above
+``--max-gb`` are skipped with a line saying so. Every cell runs
 in its own process (``--lock FILE`` runs it under ``flock FILE``, so that big jobs on a shared
 machine never overlap).
 
@@ -46,6 +48,7 @@ from _common import machine
 REPO = Path(__file__).resolve().parents[1]
 SEED = 11
 BYTES_PER_PIXEL = 150.0
+FIXED_GB = 0.6
 RECOVERED_FDP_RMS = 0.3
 RECOVERED_PROJECTION = 0.5
 
@@ -75,8 +78,8 @@ def simulate(step_ev, n_lattices, out, seed=SEED):
 
 
 def estimate_gb(n_pixels, n_channels):
-    """Peak memory of one S1 cell (dense channel weights + per-pixel arrays), GB."""
-    return n_pixels * (4.0 * n_channels + BYTES_PER_PIXEL) / 1e9
+    """Peak memory of one S1 cell on channel bands (per-pixel arrays, band values), GB."""
+    return FIXED_GB + n_pixels * (0.5 * n_channels + BYTES_PER_PIXEL) / 1e9
 
 
 def run_cell(path, step_ev, n_lattices, models, control=None, words=()):
@@ -277,7 +280,7 @@ def main(argv=None):
             if gb > args.max_gb:
                 print(json.dumps({"figure": "recovery_grid", "step_ev": step, "n_lattices": n,
                                   "n_pixels": int(n_pix), "skipped": f"estimated {gb:.1f} GB > {args.max_gb:g} GB "
-                                  f"with dense channel weights"}), flush=True)
+                                  f"(S1 on channel bands)"}), flush=True)
                 continue
             cmd = _self_cmd(args, ["--cell", str(path), f"{step:g}", str(n), control or "none",
                                    "--models", args.models, "--words", *args.words])
