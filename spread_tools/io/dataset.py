@@ -150,11 +150,11 @@ class Dataset:
 
         Pixel centres are at index + 0.5 in DIALS convention.
         """
-        sb = self.pixel_shoebox()
-        local = np.arange(self.n_pixels, dtype=np.int64) - self.pixel_offset[sb]
-        x0, x1, y0 = (self.sb_bbox[sb, i].astype(np.int64) for i in (0, 1, 2))
-        width = x1 - x0
-        return np.stack([x0 + local % width, y0 + local // width], axis=1)
+        n_per = np.diff(self.pixel_offset)
+        box = self.sb_bbox.astype(np.int64)
+        local = np.arange(self.n_pixels, dtype=np.int64) - np.repeat(np.asarray(self.pixel_offset[:-1], np.int64), n_per)
+        row, col = np.divmod(local, np.repeat(box[:, 1] - box[:, 0], n_per))
+        return np.stack([np.repeat(box[:, 0], n_per) + col, np.repeat(box[:, 2], n_per) + row], axis=1)
 
     def validate(self):
         """Check shapes and values; raise InputError naming the file and the problem."""

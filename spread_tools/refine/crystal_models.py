@@ -236,11 +236,12 @@ class _Intensity:
         return I, dI
 
 
-def _centroids(ds, ev_model, ev_final):
+def _centroids(ds, ev_model, ev_final, sb=None, xy=None):
     """Per shoebox: model spot centroid (from ``ev_model``'s Bragg part), observed centroid of
-    counts − background (background of ``ev_final``), and whether the spot is significant."""
-    sb = ds.pixel_shoebox()
-    xy = ds.pixel_xy() + 0.5
+    counts − background (background of ``ev_final``), and whether the spot is significant.
+    ``sb``, ``xy``: ``ds.pixel_shoebox()`` and ``ds.pixel_xy() + 0.5`` when already at hand."""
+    sb = ds.pixel_shoebox() if sb is None else sb
+    xy = ds.pixel_xy() + 0.5 if xy is None else xy
     m = ds.mask
     n = ds.n_shoeboxes
     bragg = np.where(m, ev_model.bragg, 0.0)
@@ -572,8 +573,9 @@ def _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg):
     plus the refined A (9) and the per-shot offset."""
     ds, param = prob.ds, prob.param
     ev = prob.evaluate(st, want_lam=True)
-    cen0 = _centroids(ds, ev0, ev)
-    cen1 = _centroids(ds, ev, ev)
+    sb, xy = ds.pixel_shoebox(), ds.pixel_xy() + 0.5
+    cen0 = _centroids(ds, ev0, ev, sb, xy)
+    cen1 = _centroids(ds, ev, ev, sb, xy)
     sig = cen1["significant"]
     rmsd0, n_spots = _rmsd_per_lattice(prob, cen0["model"], cen0["observed"], sig)
     rmsd1, _ = _rmsd_per_lattice(prob, cen1["model"], cen1["observed"], sig)

@@ -474,9 +474,10 @@ class LatticeProblem:
         nG = lay.nG
         F = ev.fisher_sb[sbs]
         gsb = ev.grad_sb[sbs]
-        A = np.einsum("sik,sij,sjl->skl", Tsb, F[:, :nG, :nG], Tsb)
-        C = np.einsum("sik,sij->skj", Tsb, F[:, :nG, nG:])
-        r = np.einsum("sik,si->sk", Tsb, gsb[:, :nG])
+        Tt = np.ascontiguousarray(np.transpose(Tsb, (0, 2, 1)))
+        A = Tt @ F[:, :nG, :nG] @ Tsb          # batched matmul (BLAS), not a 3-operand einsum
+        C = Tt @ F[:, :nG, nG:]
+        r = (Tt @ gsb[:, :nG, None])[:, :, 0]
         gB = gsb[:, nG:]
         FBB = F[:, nG:, nG:]
         lat_of_sb = np.repeat(np.arange(len(lattices)), np.diff(self.lat_sb_off)[lattices])
@@ -485,7 +486,7 @@ class LatticeProblem:
         Dinv = np.linalg.inv(D)
         W = C @ Dinv
         S_sb = A - W @ np.transpose(C, (0, 2, 1))
-        rhs_sb = r - np.einsum("skj,sj->sk", W, gB)
+        rhs_sb = r - (W @ gB[:, :, None])[:, :, 0]
         starts = np.concatenate([[0], np.cumsum(np.diff(self.lat_sb_off)[lattices])[:-1]])
         S = np.add.reduceat(S_sb, starts, axis=0)
         rhs = np.add.reduceat(rhs_sb, starts, axis=0)
@@ -495,7 +496,7 @@ class LatticeProblem:
         hdiag = hp[lattices, :k]
         S = S + hdiag[:, :, None] * np.eye(k)[None]
         S = S + (np.asarray(mu)[:, None] * (adiag + hdiag))[:, :, None] * np.eye(k)[None]
-        gBDg = np.einsum("sj,sjk,sk->s", gB, Dinv, gB)
+        gBDg = np.sum(gB * (Dinv @ gB[:, :, None])[:, :, 0], axis=1)
         parts = {"sbs": sbs, "C": C, "Dinv": Dinv, "gB": gB, "starts": starts,
                  "gBDg": np.add.reduceat(gBDg, starts), "lat_of_sb": lat_of_sb}
         return S, rhs, parts
