@@ -54,7 +54,6 @@ import numba
 import numpy as np
 
 from spread_tools.model.kernels import GAUSS_SHAPE_CONST, R_E2_A2
-from spread_tools.model.kernels.pixel_terms import subpixel_geometry
 
 _TWO_OVER_C = 2.0 / GAUSS_SHAPE_CONST
 _REASSOC = {"reassoc", "contract"}
@@ -72,13 +71,32 @@ def screen_margin(rtol, n_chan, n_terms):
     return math.log(1.0 / rtol) + math.log(max(1.0, n_chan * n_terms)) + 5.0
 
 
-#: (ω·P·peak, ŝ − ŝ0) of one sub-pixel: the function the CUDA kernels compile too.
-_subpixel = numba.njit(cache=True)(subpixel_geometry)
+@numba.njit(cache=True)
+def _subpixel(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix, pol_n, s0hat, out):
+    """ω·P·peak and ŝ − ŝ0 of one sub-pixel into out[0:4] (same arithmetic as the dense kernel)."""
+    fx = (ix + (a + 0.5) * inv_os) * ppix[pn, 0]
+    sy = (iy + (b + 0.5) * inv_os) * ppix[pn, 1]
+    r0 = porig[pn, 0] + fx * pfast[pn, 0] + sy * pslow[pn, 0]
+    r1 = porig[pn, 1] + fx * pfast[pn, 1] + sy * pslow[pn, 1]
+    r2 = porig[pn, 2] + fx * pfast[pn, 2] + sy * pslow[pn, 2]
+    dist2 = r0 * r0 + r1 * r1 + r2 * r2
+    dist = math.sqrt(dist2)
+    u0 = r0 / dist
+    u1 = r1 / dist
+    u2 = r2 / dist
+    omega = area * abs(u0 * pnorm[pn, 0] + u1 * pnorm[pn, 1] + u2 * pnorm[pn, 2]) / dist2
+    cpn = u0 * pol_n[j, 0] + u1 * pol_n[j, 1] + u2 * pol_n[j, 2]
+    c2t = u0 * s0hat[j, 0] + u1 * s0hat[j, 1] + u2 * s0hat[j, 2]
+    pol = (1.0 - 2.0 * f) * (1.0 - cpn * cpn) + f * (1.0 + c2t * c2t)
+    out[0] = omega * pol * peak
+    out[1] = u0 - s0hat[j, 0]
+    out[2] = u1 - s0hat[j, 1]
+    out[3] = u2 - s0hat[j, 2]
 
 
 @numba.njit(cache=True)
 def _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig, pfast, pslow,
-                 pnorm, ppix, bbox, pix_off, h0, sub, v):
+                 pnorm, ppix, bbox, pix_off, h0, sub, v, tmp):
     """Sub-pixel weights ω·P·peak into ``sub`` and, for every (sub-pixel s, domain d) term
     t = s·n_dom + d, v (3), curvature α, centre il*, minimum Q* into ``v[t]``.
 
@@ -103,16 +121,16 @@ def _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, 
     for a in range(oversample):
         for b in range(oversample):
             s = a * oversample + b
-            wgt, e0, e1, e2 = _subpixel(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow,
-                                        pnorm, ppix, pol_n, s0hat)
-            sub[s] = wgt
-            wsum += wgt
+            _subpixel(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix, pol_n,
+                      s0hat, tmp)
+            sub[s] = tmp[0]
+            wsum += tmp[0]
             for d in range(n_dom):
                 m = minv[d0 + d]
                 t = s * n_dom + d
-                v0 = m[0, 0] * e0 + m[0, 1] * e1 + m[0, 2] * e2
-                v1 = m[1, 0] * e0 + m[1, 1] * e1 + m[1, 2] * e2
-                v2 = m[2, 0] * e0 + m[2, 1] * e1 + m[2, 2] * e2
+                v0 = m[0, 0] * tmp[1] + m[0, 1] * tmp[2] + m[0, 2] * tmp[3]
+                v1 = m[1, 0] * tmp[1] + m[1, 1] * tmp[2] + m[1, 2] * tmp[3]
+                v2 = m[2, 0] * tmp[1] + m[2, 1] * tmp[2] + m[2, 2] * tmp[3]
                 al = _TWO_OVER_C * (na2 * v0 * v0 + nb2 * v1 * v1 + nc2 * v2 * v2)
                 be = _TWO_OVER_C * (na2 * v0 * g0 + nb2 * v1 * g1 + nc2 * v2 * g2)
                 ils = be / al if al > 0.0 else 0.0
@@ -223,7 +241,7 @@ def _phi_stats(phi, j):
 
 @numba.njit(cache=True)
 def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, phi, phi_max, phi_tot,
-                porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, inv_lam, rtol, sub, v, buf):
+                porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, inv_lam, rtol, sub, v, tmp, buf):
     """Band (lo, hi) of one pixel and the number of channels evaluated; ``buf[lo:hi]`` holds its values.
 
     The window of the analytic screen starts at Q ≤ Q_min + T; the weight outside it is at
@@ -235,7 +253,7 @@ def _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, n
     n_chan = inv_lam.shape[0]
     n_sub = oversample * oversample
     q_min, wsum = _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig,
-                               pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v)
+                               pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
     # every weight below half the smallest float32 subnormal: all exactly 0
     if phi_max <= 0.0 or R_E2_A2 * phi_max * wsum * math.exp(-q_min) < _F32_ZERO:
         return 0, 0, 0, 0.0
@@ -295,6 +313,7 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
         phi_max, phi_tot = _phi_stats(phi, j)
         sub = np.empty(oversample * oversample)
         v = np.empty((oversample * oversample * n_dom, 6))
+        tmp = np.empty(4)
         buf = np.zeros(n_chan)
         p0 = pix_off[k]
         n_p = pix_off[k + 1] - p0
@@ -304,7 +323,7 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
             best = -1.0
             for p in range(p0, p0 + n_p):
                 q_min, wsum = _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc,
-                                           porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v)
+                                           porig, pfast, pslow, pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
                 bound[p - p0] = R_E2_A2 * phi_tot * wsum * math.exp(-q_min) * (1.0 + 1e-6)   # float32 rounding
                 if bound[p - p0] > best:
                     best = bound[p - p0]
@@ -320,7 +339,7 @@ def band_lengths(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, ps
                 continue
             a, b, n_ev, tot = _pixel_band(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc,
                                           phi, phi_max, phi_tot, porig, pfast, pslow, pnorm, ppix, bbox, pix_off,
-                                          h0, inv_lam, rtol, sub, v, buf)
+                                          h0, inv_lam, rtol, sub, v, tmp, buf)
             lo[p] = a
             length[p] = b - a
             evaluated[p] = n_ev
@@ -344,6 +363,7 @@ def band_values(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, psl
         n_sub = oversample * oversample
         sub = np.empty(n_sub)
         v = np.empty((n_sub * n_dom, 6))
+        tmp = np.empty(4)
         buf = np.zeros(n_chan)
         o = sb_offset[k]
         for p in range(pix_off[k], pix_off[k + 1]):
@@ -352,7 +372,7 @@ def band_values(minv, dom_off, s0hat, pol_n, pol_f, nabc, phi, porig, pfast, psl
                 continue
             a = np.int64(lo[p])
             _pixel_terms(k, p, j, pn, d0, n_dom, oversample, minv, s0hat, pol_n, pol_f, nabc, porig, pfast, pslow,
-                         pnorm, ppix, bbox, pix_off, h0, sub, v)
+                         pnorm, ppix, bbox, pix_off, h0, sub, v, tmp)
             _evaluate(a, a + n, k, j, n_sub, n_dom, nabc, phi, h0, inv_lam, sub, v, buf)
             for i in range(n):
                 values[o + i] = np.float32(buf[a + i])

@@ -29,7 +29,6 @@ from spread_tools.model.kernels.cuda import (  # noqa: F401  (the shared reducti
     sum_fixed_order,
     to_device,
 )
-from spread_tools.model.kernels.pixel_terms import subpixel_geometry
 
 __all__ = ["band_lengths", "band_values", "model_pass", "expected_counts", "reduce_spans_by_h", "build_bands"]
 
@@ -38,8 +37,24 @@ _F32_ZERO = 5e-46
 _N_RED = 9
 
 
-#: (ω·P·peak, ŝ − ŝ0) of one sub-pixel: the function the CPU kernels compile too.
-_geom = cuda.jit(device=True)(subpixel_geometry)
+@cuda.jit(device=True)
+def _geom(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix, pol_n, s0hat):
+    """(ω·P·peak, ŝ − ŝ0) of one sub-pixel."""
+    fx = (ix + (a + 0.5) * inv_os) * ppix[pn, 0]
+    sy = (iy + (b + 0.5) * inv_os) * ppix[pn, 1]
+    r0 = porig[pn, 0] + fx * pfast[pn, 0] + sy * pslow[pn, 0]
+    r1 = porig[pn, 1] + fx * pfast[pn, 1] + sy * pslow[pn, 1]
+    r2 = porig[pn, 2] + fx * pfast[pn, 2] + sy * pslow[pn, 2]
+    dist2 = r0 * r0 + r1 * r1 + r2 * r2
+    dist = math.sqrt(dist2)
+    u0 = r0 / dist
+    u1 = r1 / dist
+    u2 = r2 / dist
+    omega = area * abs(u0 * pnorm[pn, 0] + u1 * pnorm[pn, 1] + u2 * pnorm[pn, 2]) / dist2
+    cpn = u0 * pol_n[j, 0] + u1 * pol_n[j, 1] + u2 * pol_n[j, 2]
+    c2t = u0 * s0hat[j, 0] + u1 * s0hat[j, 1] + u2 * s0hat[j, 2]
+    pol = (1.0 - 2.0 * f) * (1.0 - cpn * cpn) + f * (1.0 + c2t * c2t)
+    return omega * pol * peak, u0 - s0hat[j, 0], u1 - s0hat[j, 1], u2 - s0hat[j, 2]
 
 
 @cuda.jit(device=True)

@@ -35,30 +35,6 @@ _K = 2.0 / GAUSS_SHAPE_CONST
 _INV_HC = 1.0 / HC_EV_A
 
 
-def subpixel_geometry(ix, iy, a, b, inv_os, pn, j, area, f, peak, porig, pfast, pslow, pnorm, ppix,
-                      pol_n, s0hat):
-    """(ω·P·peak, ŝ − ŝ0) of sub-pixel (a, b) of pixel (ix, iy) on panel pn, lattice j.
-
-    Compiled by the banded S1 kernels (:mod:`.bands_cpu` with ``numba.njit``,
-    :mod:`.bands_cuda` with ``numba.cuda.jit(device=True)``).
-    """
-    fx = (ix + (a + 0.5) * inv_os) * ppix[pn, 0]
-    sy = (iy + (b + 0.5) * inv_os) * ppix[pn, 1]
-    r0 = porig[pn, 0] + fx * pfast[pn, 0] + sy * pslow[pn, 0]
-    r1 = porig[pn, 1] + fx * pfast[pn, 1] + sy * pslow[pn, 1]
-    r2 = porig[pn, 2] + fx * pfast[pn, 2] + sy * pslow[pn, 2]
-    dist2 = r0 * r0 + r1 * r1 + r2 * r2
-    dist = math.sqrt(dist2)
-    u0 = r0 / dist
-    u1 = r1 / dist
-    u2 = r2 / dist
-    omega = area * abs(u0 * pnorm[pn, 0] + u1 * pnorm[pn, 1] + u2 * pnorm[pn, 2]) / dist2
-    cpn = u0 * pol_n[j, 0] + u1 * pol_n[j, 1] + u2 * pol_n[j, 2]
-    c2t = u0 * s0hat[j, 0] + u1 * s0hat[j, 1] + u2 * s0hat[j, 2]
-    pol = (1.0 - 2.0 * f) * (1.0 - cpn * cpn) + f * (1.0 + c2t * c2t)
-    return omega * pol * peak, u0 - s0hat[j, 0], u1 - s0hat[j, 1], u2 - s0hat[j, 2]
-
-
 def pixel_terms(ix, iy, k, j, pn, oversample, porig, pfast, pslow, pnorm, ppix, s0hat, pol_n, pol_f,
                 minv, dminv, d0, n_dom, n_q, nabc, il, phi, I_sb, dI_sb, h0, cut, out):
     """S and its derivatives for pixel (ix, iy) of shoebox k; see the module docstring.
