@@ -318,6 +318,36 @@ def claim_outputs(outputs, inputs=(), overwrite=False):
     return outs
 
 
+def claim_checkpointed_outputs(comm, outputs, checkpoint, inputs, overwrite, resume):
+    """:func:`claim_outputs` for a stage that checkpoints, under MPI.
+
+    Rank 0 refuses an existing checkpoint without ``--resume`` or ``--overwrite``, then
+    claims ``outputs`` (``--resume`` may replace the result of the interrupted run) and the
+    checkpoint; every rank learns the verdict, so that no rank starts the work alone.
+
+    Raises
+    ------
+    InputError
+        On rank 0 the reason; on the other ranks "rank 0 refused the command line".
+    """
+    failure = None
+    if comm.rank == 0:
+        try:
+            if checkpoint.exists() and not resume and not overwrite:
+                raise InputError(f"{checkpoint}: a checkpoint exists; continue with --resume, or "
+                                 f"start afresh with --overwrite")
+            claim_outputs(outputs, inputs=inputs, overwrite=overwrite or resume)
+            claim_outputs([checkpoint], inputs=inputs, overwrite=True)
+        except InputError as exc:
+            failure = exc
+    if comm.size > 1 and int(comm.bcast_obj(failure is not None)):
+        if comm.rank == 0:
+            raise failure
+        raise InputError("rank 0 refused the command line")
+    if failure is not None:
+        raise failure
+
+
 def resume_command(script, flag="--resume"):
     """The command line that continues this run: the same words plus ``flag``.
 

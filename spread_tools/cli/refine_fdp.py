@@ -29,7 +29,7 @@ from spread_tools.cli.common import (
     SfCache,
     ShowConfig,
     Words,
-    claim_outputs,
+    claim_checkpointed_outputs,
     command_settings,
     make_app,
     output_option,
@@ -113,24 +113,8 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
             output.with_name(output.stem + ".ckpt.h5")
         # rank 0 checks (and locks) the outputs; every rank learns the verdict, so that
         # no rank enters refine() alone
-        failure = None
-        if root:
-            try:
-                inputs = list(paths) + [sf_cache] + ([cfg.start.result] if cfg.start.result else [])
-                if ckpt.exists() and not resume and not overwrite:
-                    raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
-                                     f"start afresh with --overwrite")
-                # --resume may replace the (not converged) result of the interrupted run
-                claim_outputs([output, csv_path], inputs=inputs, overwrite=overwrite or resume)
-                claim_outputs([ckpt], inputs=inputs, overwrite=True)
-            except InputError as exc:
-                failure = exc
-        if comm.size > 1 and int(comm.bcast_obj(failure is not None)):
-            if root:
-                raise failure
-            raise InputError("rank 0 refused the command line")
-        if failure is not None:
-            raise failure
+        inputs = list(paths) + [sf_cache] + ([cfg.start.result] if cfg.start.result else [])
+        claim_checkpointed_outputs(comm, [output, csv_path], ckpt, inputs, overwrite, resume)
         if cfg.backend != "cpu":
             select_device_for_rank(comm)
         t0 = time.perf_counter()

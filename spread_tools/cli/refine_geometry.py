@@ -29,7 +29,7 @@ from spread_tools.cli.common import (
     SfCache,
     ShowConfig,
     Words,
-    claim_outputs,
+    claim_checkpointed_outputs,
     command_settings,
     make_app,
     output_option,
@@ -102,23 +102,8 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         output = Path(require_output(output, "refined dataset"))
         csv = output.with_name(output.stem + ".lattices.csv")
         ckpt = Path(cfg.checkpoint.path) if cfg.checkpoint.path else output.with_name(output.stem + ".ckpt.h5")
-        failure = None
-        if root:         # rank 0 checks and locks the outputs; every rank learns the verdict
-            try:
-                inputs = [path, sf_cache, cfg.curves.result]
-                if ckpt.exists() and not resume and not overwrite:
-                    raise InputError(f"{ckpt}: a checkpoint exists; continue with --resume, or "
-                                     f"start afresh with --overwrite")
-                claim_outputs([output, csv], inputs=inputs, overwrite=overwrite or resume)
-                claim_outputs([ckpt], inputs=inputs, overwrite=True)
-            except InputError as exc:
-                failure = exc
-        if comm.size > 1 and int(comm.bcast_obj(failure is not None)):
-            if root:
-                raise failure
-            raise InputError("rank 0 refused the command line")
-        if failure is not None:
-            raise failure
+        claim_checkpointed_outputs(comm, [output, csv], ckpt, [path, sf_cache, cfg.curves.result],
+                                   overwrite, resume)
         if cfg.backend != "cpu":
             select_device_for_rank(comm)
         t0 = time.perf_counter()
