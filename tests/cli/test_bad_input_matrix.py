@@ -270,6 +270,13 @@ EXTRA = [
     ("kk_check", ["--max-rms", "abc"], "Invalid value for '--max-rms'"),
     ("import_dials", ["d_min=5", "d_max=4"], "d_min=5, d_max=4"),
     ("refine_fdp", ["optimizer.iterations=-1"], "parameter optimizer.iterations"),
+    # refine_fdp parameters of issues 12 and 13: controls, well-posed locals, the band cut
+    ("refine_fdp", ["control=permute_hkl"], "control"),
+    ("refine_fdp", ["lattice.min_shoeboxes=0"], "lattice.min_shoeboxes"),
+    ("refine_fdp", ["lattice.ln_G_sigma=-1"], "lattice.ln_G_sigma"),
+    ("refine_fdp", ["shoebox.slope_sigma=0"], "shoebox.slope_sigma"),
+    ("refine_fdp", ["pixel_model.band_rtol=2"], "pixel_model.band_rtol"),
+    ("refine_fdp", ["pixel_model.band_floor=-1"], "pixel_model.band_floor"),
     ("plot_curves", ["energy.min_ev=7170", "energy.max_ev=7070"], "energy.min_ev=7170, energy.max_ev=7070"),
     # refine_geometry (issue 10): restraint sigma <= 0, an unknown family, bad bounds, a table
     # that does not cover the spectra
