@@ -339,7 +339,8 @@ class PixelModel:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None):
+    def from_dataset(cls, ds, backend="auto", oversample=1, hkl=None, band_rtol=None, band_floor=None,
+                     per_shoebox=False):
         """Compute the channel bands of a dataset (never dense) and build its pixel model.
 
         Parameters
@@ -358,6 +359,10 @@ class PixelModel:
         band_floor : float, optional
             The floor relative to the shoebox's brightest pixel (default
             :data:`~spread_tools.model.bands.DEFAULT_FLOOR`); both 0: the exact dense result.
+        per_shoebox : bool
+            One row of I per shoebox (``hkl`` = the shoeboxes' Miller indices, repeated where
+            lattices share a reflection), so that every lattice can have intensities of its
+            own (the ``shuffle_channels`` control of S1). Not with ``hkl``.
 
         Returns
         -------
@@ -366,7 +371,12 @@ class PixelModel:
         from spread_tools.model.bands import DEFAULT_FLOOR, DEFAULT_RTOL, build_bands
         backend = resolve_backend(backend)
         oversample = _check_oversample(oversample)
-        if hkl is None:
+        if per_shoebox:
+            if hkl is not None:
+                raise ValueError("from_dataset: per_shoebox and hkl exclude each other")
+            hkl = np.asarray(ds.sb_miller_index, dtype=np.int32).reshape(-1, 3)
+            sb_h = np.arange(len(hkl), dtype=np.int64)
+        elif hkl is None:
             hkl, sb_h = unique_hkl(ds.sb_miller_index)
         else:
             hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)

@@ -9,14 +9,22 @@ The reference workflow asks for two controls that must erase the anomalous signa
   nothing to correlate with: no edge, f″ flat within σ. (Permuting the whole structure
   factor instead makes the model wrong by 100 % of |F|; f′/f″ then absorb that misfit,
   f″ of ±30 e⁻ with structure far beyond σ: a test of nothing.)
-* ``shuffle_channels``: the spectrum channels of every lattice are shuffled (one random
-  permutation of its channel weights per lattice), so that the photons of a shot are
-  credited to the wrong energies: same expectation.
+* ``shuffle_channels``: the energies of every lattice's channels are shuffled in the f′/f″
+  lookup (one random permutation π_j of the channels per lattice): the photons of channel c
+  of lattice j are modelled with the sites' f′, f″ at E_{π_j(c)}, while the spectrum, and so
+  every spot's position and profile, stays right. The data's energy dependence then reaches
+  the grid through a different random map for every lattice: same expectation. (Shuffling
+  the spectrum weights themselves, as a first version did, also makes every spot's
+  predicted profile wrong; f′/f″ absorb part of that misfit and one site kept an edge step
+  of 3–16σ: a test of the spot model, not of the anomalous signal.)
 
-Both are applied to the inputs before anything else (the checkpoint fingerprint, the pixel
-model and the start values all see the controlled data) and are reproducible
-(``control_seed``). :func:`edge_step` measures what is left: the mean f″ above the
-element's edge minus the mean below it, with its standard uncertainty from the covariance.
+``permute_miller`` is applied to the SF cache before anything else (the checkpoint
+fingerprint, the pixel model and the start values all see it); ``shuffle_channels`` lives in
+the S1 objective (:class:`~spread_tools.refine.objective.S1Problem`, which takes one row of
+intensities per shoebox and maps its channels through :func:`channel_permutations`). Both are
+reproducible (``control_seed``) and do not depend on the number of MPI ranks.
+:func:`edge_step` measures what is left: the mean f″ above the element's edge minus the
+mean below it, with its standard uncertainty from the covariance.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import numpy as np
 
 from spread_tools.errors import InputError
 
-__all__ = ["CONTROLS", "apply_control", "permute_miller", "shuffle_channels", "edge_step"]
+__all__ = ["CONTROLS", "apply_control", "permute_miller", "channel_permutations", "edge_step"]
 
 #: Values of the ``control`` parameter (None: no control).
 CONTROLS = ("permute_miller", "shuffle_channels")
@@ -56,24 +64,26 @@ def permute_miller(cache, rng):
     return dataclasses.replace(cache, F_base=F_base, S_site=S, f0_site=f0)
 
 
-def shuffle_channels(ds, rng):
-    """The dataset with every lattice's spectrum channel weights randomly permuted.
+def channel_permutations(n_lattices, n_channels, seed):
+    """The per-lattice channel permutations of the ``shuffle_channels`` control.
 
     Parameters
     ----------
-    ds : Dataset
-    rng : numpy.random.Generator
+    n_lattices, n_channels : int
+    seed : int
+        ``control_seed``; the permutations of lattice j depend on it and on j only (not on
+        how the lattices are split over MPI ranks).
 
     Returns
     -------
-    Dataset
-        Same channels (energies), each lattice's weights in a random order of its own.
+    int64 array (n_lattices, n_channels)
+        Row j: the channel whose energy channel c of lattice j is looked up at.
     """
-    w = np.asarray(ds.spectrum_weight)
-    out = np.empty_like(w)
-    for j in range(w.shape[0]):
-        out[j] = w[j, rng.permutation(w.shape[1])]
-    return dataclasses.replace(ds, spectrum_weight=out)
+    rng = np.random.default_rng(int(seed))
+    out = np.empty((int(n_lattices), int(n_channels)), dtype=np.int64)
+    for j in range(out.shape[0]):
+        out[j] = rng.permutation(int(n_channels))
+    return out
 
 
 def apply_control(datasets, cache, control, seed):
@@ -90,16 +100,16 @@ def apply_control(datasets, cache, control, seed):
     Returns
     -------
     datasets, cache
-        The controlled inputs (the originals for ``None``).
+        The controlled inputs: the cache permuted for ``permute_miller``; the originals for
+        ``None`` and ``shuffle_channels`` (which the objective applies).
     """
     if control is None:
         return list(datasets), cache
     if control not in CONTROLS:
         raise InputError(f"parameter control: {control!r} is not one of {', '.join(CONTROLS)}")
-    rng = np.random.default_rng(int(seed))
     if control == "permute_miller":
-        return list(datasets), permute_miller(cache, rng)
-    return [shuffle_channels(d, rng) for d in datasets], cache
+        return list(datasets), permute_miller(cache, np.random.default_rng(int(seed)))
+    return list(datasets), cache
 
 
 def edge_step(energy_ev, fdp, cov, edge_ev, half_gap_ev=10.0):

@@ -122,9 +122,15 @@ class S1Problem(FisherInformationMixin):
                              f"got {ss:g}")
         self.slope_sigma = None if ss is None else float(ss)
         self.pm = None
+        self.lookup = None
+        shuffle = getattr(cfg, "control", None) == "shuffle_channels"
         if self.local.n_shoeboxes:
-            self.pm = build_pixel_model(self.local, cfg, backend)
+            self.pm = build_pixel_model(self.local, cfg, backend, per_shoebox=shuffle)
             self.h_rows = cache.index_of(self.pm.hkl)
+            if shuffle:
+                from spread_tools.refine.controls import channel_permutations
+                perms = channel_permutations(self.n_lat, len(self.channel_ev), cfg.control_seed)
+                self.lookup = np.ascontiguousarray(perms[self.lat0 + self.pm.sb_lattice])
             self.xh, self.yh = self.pm.pixel_offsets_xy()
             k = self.pm.counts.astype(np.float64)
             m = self.pm.mask
@@ -133,6 +139,23 @@ class S1Problem(FisherInformationMixin):
             self.const = float(np.sum(kk) - np.sum(kk[pos] * np.log(kk[pos])))
         else:
             self.const = 0.0
+        self._set_lookup_maps()
+
+    def _set_lookup_maps(self):
+        """Grid interpolation of every row of I at every channel, for the Fisher kernels.
+
+        ``_map_k0[_h_map[h], c]`` and ``_map_t[...]``: the two entries of row ``lookup[h, c]``
+        of M (one shared row of maps without a control; one per row of I with
+        ``shuffle_channels``).
+        """
+        if self.lookup is None:
+            self._map_k0 = self._m_k0[None, :].copy()
+            self._map_t = self._m_t[None, :].copy()
+            self._h_map = np.zeros(self.pm.n_h if self.pm is not None else 0, dtype=np.int64)
+        else:
+            self._map_k0 = np.ascontiguousarray(self._m_k0[self.lookup])
+            self._map_t = np.ascontiguousarray(self._m_t[self.lookup])
+            self._h_map = np.arange(self.pm.n_h, dtype=np.int64)
 
     # ------------------------------------------------------------------ layout helpers
     def split(self, x):
@@ -172,6 +195,8 @@ class S1Problem(FisherInformationMixin):
             structure_factors,
         )
         fpc, fdpc = self.channel_values(fp, fdp)
+        if self.lookup is not None:
+            return self._shuffled_intensities(fpc, fdpc, grad)
         if not grad:
             F = structure_factors(self.cache, self.channel_ev, fpc, fdpc, self.h_rows,
                                   reference=self.cfg.reference)
@@ -179,6 +204,39 @@ class S1Problem(FisherInformationMixin):
         I, dfp, dfdp = intensity_and_gradients(self.cache, self.channel_ev, fpc, fdpc, self.h_rows,
                                                reference=self.cfg.reference)
         return np.ascontiguousarray(I.T), dfp[self.ref_sites], dfdp[self.ref_sites]
+
+    def _shuffled_intensities(self, fpc, fdpc, grad):
+        """I (n_rows, n_chan) and ∂I/∂u of the refined sites with each row's channels looked up
+        at ``lookup`` (the ``shuffle_channels`` control; one row per shoebox)."""
+        from spread_tools.structure.factors import structure_factors
+        ref = self.ref_sites
+        fpz, fdpz = fpc.copy(), fdpc.copy()
+        fpz[ref] = 0.0
+        fdpz[ref] = 0.0
+        F = structure_factors(self.cache, self.channel_ev, fpz, fdpz, self.h_rows,
+                              reference=self.cfg.reference).T              # (n_rows, n_chan)
+        S = self.cache.S_site[ref][:, self.h_rows]                          # (n_ref, n_rows)
+        for i, s in enumerate(ref):
+            F += (fpc[s][self.lookup] + 1j * fdpc[s][self.lookup]) * S[i][:, None]
+        I = np.ascontiguousarray(F.real ** 2 + F.imag ** 2)
+        if not grad:
+            return I, None, None
+        Fr, Fi = F.real.T[None], F.imag.T[None]                             # (1, n_chan, n_rows)
+        Sr, Si = S.real[:, None, :], S.imag[:, None, :]
+        return I, 2.0 * (Fr * Sr + Fi * Si), 2.0 * (Fi * Sr - Fr * Si)
+
+    def _channel_sums(self, d, dI):
+        """Σ_h ∂f/∂I[h, c] ∂I[h, c]/∂u[s, ·] per site and lookup channel, (n_ref, n_chan).
+
+        Without a control the lookup channel is the channel itself; with ``shuffle_channels``
+        row h's channel c is credited to ``lookup[h, c]``.
+        """
+        if self.lookup is None:
+            return np.einsum("sch,hc->sc", d, dI)
+        prod = d * dI.T[None]                                               # (n_ref, n_chan, n_rows)
+        idx = self.lookup.T.ravel()
+        n = len(self.channel_ev)
+        return np.stack([np.bincount(idx, weights=prod[s].ravel(), minlength=n) for s in range(len(d))])
 
     def _local_params(self, x):
         fp, fdp, g, b = self.split(x)
@@ -209,8 +267,8 @@ class S1Problem(FisherInformationMixin):
             dbg = dbg.copy()
             dbg[:, 1:] += w * b[:, 1:]
         # chain rule: ∂f/∂u_chan[s, c] = Σ_h ∂f/∂I[h, c] ∂I[h, c]/∂u[s, c]
-        gfp_c = np.einsum("sch,hc->sc", dfp, dI)
-        gfdp_c = np.einsum("sch,hc->sc", dfdp, dI)
+        gfp_c = self._channel_sums(dfp, dI)
+        gfdp_c = self._channel_sums(dfdp, dI)
         gfp = (self.M.T @ gfp_c.T).T
         gfdp = (self.M.T @ gfdp_c.T).T
         g_glob = np.concatenate([gfp.ravel(), gfdp.ravel()])

@@ -130,7 +130,7 @@ def prepare_data(datasets, cache, min_pixels=4, min_shoeboxes=1):
     return PreparedData(ds, lat_used, sb_orig, n_lat, n_sb, warnings, dropped)
 
 
-def build_pixel_model(ds, cfg, backend=None):
+def build_pixel_model(ds, cfg, backend=None, per_shoebox=False):
     """The channel-banded pixel model of (one rank's part of) the prepared data.
 
     Parameters
@@ -142,6 +142,8 @@ def build_pixel_model(ds, cfg, backend=None):
         relative tolerance on λ) and ``pixel_model.band_floor`` (:mod:`spread_tools.model.bands`).
     backend : str, optional
         Overrides ``cfg.backend``.
+    per_shoebox : bool
+        One row of I per shoebox (:meth:`~spread_tools.model.pixel.PixelModel.from_dataset`).
 
     Returns
     -------
@@ -151,7 +153,8 @@ def build_pixel_model(ds, cfg, backend=None):
     from spread_tools.model.pixel import PixelModel
     rtol = check_rtol(cfg.pixel_model.band_rtol, "parameter pixel_model.band_rtol")
     floor = check_floor(cfg.pixel_model.band_floor, "parameter pixel_model.band_floor")
-    return PixelModel.from_dataset(ds, backend=backend or cfg.backend, band_rtol=rtol, band_floor=floor)
+    return PixelModel.from_dataset(ds, backend=backend or cfg.backend, band_rtol=rtol, band_floor=floor,
+                                   per_shoebox=per_shoebox)
 
 
 def _norm_sg(sg):

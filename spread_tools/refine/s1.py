@@ -206,8 +206,8 @@ REFINE_SCHEMA = {
     },
     "control": P(None, "negative control: permute_miller (the sites' anomalous terms moved to "
                  "randomly permuted Miller indices; must erase the edge) or shuffle_channels "
-                 "(spectrum channels shuffled per lattice; breaks the spot model too) (None: the "
-                 "normal refinement)", type=str,
+                 "(each lattice's channel energies shuffled in the f′/f″ lookup; must erase the "
+                 "edge) (None: the normal refinement)", type=str,
                  choices=("permute_miller", "shuffle_channels"), optional=True),
     "control_seed": P(1, "random seed of the control's permutations"),
     "backend": P("auto", "pixel-model kernels", choices=("auto", "cpu", "cuda")),

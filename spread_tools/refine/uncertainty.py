@@ -42,13 +42,16 @@ def _pinv_sym3(A, out):  # pragma: no cover - numba
 
 @numba.njit(parallel=True, cache=True)
 def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb_h, span_lo, span_off, I, G, bg,
-                  dfp, dfdp, m_k0, m_t, n_grid, n_chunks, F_ch, dglob_ch, c_sb, dp_sb, d_sb, db_sb):  # pragma: no cover
+                  dfp, dfdp, map_k0, map_t, h_map, n_grid, n_chunks, F_ch, dglob_ch, c_sb, dp_sb, d_sb,
+                  db_sb):  # pragma: no cover
     """Channel-space Fisher information of every shoebox over its channel span.
 
     Per shoebox k (span c0:c0+n, a = (1, x̂, ŷ), W = mask/λ): C = Σ W G² w wᵀ, V = Σ W bg a G wᵀ,
     u = Σ W G² S w, Fbb = Σ W bg² a aᵀ, q = Σ W bg a G S, d = Σ W (G S)². Profiling the
     background: Cp = C − Vᵀ Fbb⁺ V, up = u − Vᵀ Fbb⁺ q, dp = d − qᵀ Fbb⁺ q. With
-    B_i = diag(∂I_i/∂u) M over the span's grid points (i = site and kind), shoebox chunk
+    B_i = diag(∂I_i/∂u) M over the span's grid points (i = site and kind; the row of M of
+    channel c of row h of I has its two entries at ``map_k0[h_map[h], c]``, + 1 with weights
+    1 − ``map_t``, ``map_t``), shoebox chunk
     ``ch`` adds B_iᵀ Cp B_i' into ``F_ch[ch]`` and diag(B_iᵀ C B_i) into ``dglob_ch[ch]``;
     ``c_sb[k]`` = Bᵀ up, ``dp_sb``, ``d_sb`` and ``db_sb`` = diag(Fbb) per shoebox. Chunks are
     fixed ranges of shoeboxes (not threads): the sums do not depend on the thread count.
@@ -128,13 +131,18 @@ def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb
             X = Finv @ V                                             # (3, ns)
             Cp = C - V.T @ X
             up = u - X.T @ q
-            g_lo = m_k0[c0]
-            n_gl = m_k0[c0 + ns - 1] + 2 - g_lo
+            hm = h_map[h]
+            g_lo = map_k0[hm, c0]
+            g_hi = g_lo
+            for c in range(ns):
+                g_lo = min(g_lo, map_k0[hm, c0 + c])
+                g_hi = max(g_hi, map_k0[hm, c0 + c])
+            n_gl = g_hi + 2 - g_lo
             B = np.zeros((n_i, ns, n_gl))
             for c in range(ns):
                 cc = c0 + c
-                kc = m_k0[cc] - g_lo
-                t = m_t[cc]
+                kc = map_k0[hm, cc] - g_lo
+                t = map_t[hm, cc]
                 for s_ in range(n_ref):
                     vf = dfp[s_, cc, h]
                     vd = dfdp[s_, cc, h]
@@ -164,8 +172,8 @@ def _fisher_bands(values, lo, length, sb_offset, pix_off, bbox, mask, sb_lat, sb
 
 
 @numba.njit(parallel=True, cache=True)
-def _jacobian_bands(values, lo, length, sb_offset, pix_off, k0, k1, sb_h, dfp, dfdp, Gp, m_k0, m_t, n_grid,
-                    out):  # pragma: no cover - numba
+def _jacobian_bands(values, lo, length, sb_offset, pix_off, k0, k1, sb_h, dfp, dfdp, Gp, map_k0, map_t, h_map,
+                    n_grid, out):  # pragma: no cover - numba
     """out[p − p0, s*n_grid + g] (fp) and out[p − p0, n_fp + ...] (fdp) = G Σ_band w ∂I/∂u M for the
     pixels of shoeboxes k0:k1 (p0 their first pixel)."""
     n_ref = dfp.shape[0]
@@ -173,6 +181,7 @@ def _jacobian_bands(values, lo, length, sb_offset, pix_off, k0, k1, sb_h, dfp, d
     p0 = pix_off[k0]
     for k in numba.prange(k0, k1):
         h = sb_h[k]
+        hm = h_map[h]
         o = sb_offset[k]
         for p in range(pix_off[k], pix_off[k + 1]):
             g = Gp[p]
@@ -182,9 +191,9 @@ def _jacobian_bands(values, lo, length, sb_offset, pix_off, k0, k1, sb_h, dfp, d
                 wc = g * np.float64(values[o + i])
                 if wc == 0.0:
                     continue
-                a = wc * (1.0 - m_t[c])
-                b = wc * m_t[c]
-                kk = m_k0[c]
+                a = wc * (1.0 - map_t[hm, c])
+                b = wc * map_t[hm, c]
+                kk = map_k0[hm, c]
                 for s in range(n_ref):
                     base = s * n_grid + kk
                     v = dfp[s, c, h]
@@ -201,7 +210,8 @@ class FisherInformationMixin:
 
     Expects the host class to provide the pixel model ``pm`` (or ``None``), the layout
     sizes ``n_glob``, ``n_ref``, ``n_grid``, the channel energies ``channel_ev``, the two
-    entries of each row of the interpolation matrix ``_m_k0``, ``_m_t``, and the methods
+    entries of each row of the interpolation matrix per row of I (``_map_k0``, ``_map_t``,
+    ``_h_map``: see ``S1Problem._set_lookup_maps``), and the methods
     ``_local_params`` and ``_intensities``.
     """
 
@@ -238,7 +248,7 @@ class FisherInformationMixin:
         out = np.zeros((p1 - p0, self.n_glob))
         _jacobian_bands(b.host_values(), b.lo, b.length, b.sb_offset, pm.pixel_offset, k0, k1, pm.sb_h_index,
                         np.ascontiguousarray(dfp), np.ascontiguousarray(dfdp), np.ascontiguousarray(Gp),
-                        self._m_k0, self._m_t, self.n_grid, out)
+                        self._map_k0, self._map_t, self._h_map, self.n_grid, out)
         return out
 
     def local_fisher_diag(self, x):
@@ -355,7 +365,8 @@ class FisherInformationMixin:
         _fisher_bands(bd.host_values(), bd.lo, bd.length, bd.sb_offset, pm.pixel_offset, pm.bbox, pm.mask,
                       pm.sb_lattice, pm.sb_h_index, pm.span_lo, pm.span_off, np.ascontiguousarray(I), G,
                       np.ascontiguousarray(b), np.ascontiguousarray(dfp), np.ascontiguousarray(dfdp),
-                      self._m_k0, self._m_t, self.n_grid, n_chunks, F_ch, dglob_ch, c_sb, dp_sb, d_sb, db)
+                      self._map_k0, self._map_t, self._h_map, self.n_grid, n_chunks, F_ch, dglob_ch, c_sb,
+                      dp_sb, d_sb, db)
         F = F_ch.sum(axis=0)
         dglob = dglob_ch.sum(axis=0)
         lat = pm.sb_lattice

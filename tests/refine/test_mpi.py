@@ -67,3 +67,13 @@ def test_mpi_kk_constrained_mode_agrees_with_single_rank(data_file, tmp_path):
         np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-4 * np.nanmin(one[k + "_sigma"]) + 1e-7)
         # sigma follows x, which the ranks reach by another summation order: 1e-5 relative seen
         np.testing.assert_allclose(two[k + "_sigma"], one[k + "_sigma"], rtol=1e-4)
+
+
+def test_mpi_shuffle_channels_control_agrees_with_single_rank(data_file, tmp_path):
+    """Every lattice's channel permutation depends on the seed and its index, not on the ranks."""
+    words = ("control=shuffle_channels", "control_seed=7")
+    one = _run(0, data_file, tmp_path / "one.h5", *words)
+    two = _run(2, data_file, tmp_path / "two.h5", *words)
+    assert two["objective"] == pytest.approx(one["objective"], rel=1e-10)
+    for k in ("fp", "fdp"):
+        np.testing.assert_allclose(two[k], one[k], rtol=0, atol=1e-4 * np.nanmin(one[k + "_sigma"]) + 1e-7)
