@@ -17,3 +17,21 @@ TEST_DATA = REPO / "test_data"
 def test_data():
     """Folder of the embedded test data (``test_data/``)."""
     return TEST_DATA
+
+
+def _assert_gradient_matches(evaluate, x, indices, h=1e-4, rel=2e-5, abs_tol=0.0):
+    """Central differences of ``evaluate(x)[0]`` along every index against ``evaluate(x)[1]``."""
+    _, g = evaluate(x)
+    for i in indices:
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        fd = (evaluate(xp)[0] - evaluate(xm)[0]) / (2 * h)
+        assert fd == pytest.approx(g[i], rel=rel, abs=abs_tol), i
+
+
+@pytest.fixture
+def gradient_check():
+    """``gradient_check(evaluate, x, indices, h, rel, abs_tol)``: a finite-difference test of an
+    objective returning ``(f, grad)``."""
+    return _assert_gradient_matches
