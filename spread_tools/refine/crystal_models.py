@@ -320,7 +320,10 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
     fs = fit_settings(cfg, param, np.asarray(ds.cell, float), ds.n_domains)
     curves = _site_curves(cfg, cache)
     start = float(cfg.energy_offset.start_ev)
-    curves.check_covers(ds.energy_ev[0] + start - 20.0, ds.energy_ev[-1] + start + 20.0)
+    # the held curves enter at the channel energies (+ start); only an offset that moves the
+    # intensities can take them further (so a refine_fdp result over the channels is enough)
+    margin = 20.0 if (fs.offset != "off" and fs.offset_moves_intensity) else 0.05
+    curves.check_covers(ds.energy_ev[0] + start - margin, ds.energy_ev[-1] + start + margin)
     prep = prepare_data([ds], cache, min_pixels=cfg.shoebox.min_pixels)
     for w in prep.warnings:
         say(f"warning: {w}")

@@ -212,3 +212,18 @@ def test_resume_refuses_a_checkpoint_of_other_parameters(ly99, cache, tmp_path):
     with pytest.raises(InputError, match="another configuration"):
         refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=["cell.sigma_fraction=0.01"]),
                         checkpoint=ckpt, resume=True)
+
+
+def test_curves_over_the_channels_are_enough_unless_the_offset_moves_the_intensities(ly99, cache, tmp_path):
+    """A refine_fdp result spans the channels only: refine_geometry must take it (the held
+    curves enter at the channel energies), and ask for a margin only when the refined offset
+    also moves the energies of the intensities."""
+    e = np.asarray(ly99.energy_ev)
+    table = tmp_path / "fe1.dat"
+    grid = np.linspace(e[0] - 0.1, e[-1] + 0.1, 30)
+    table.write_text("".join(f"{x:.3f} -5.0 3.0\n" for x in grid))
+    words = [f"curves.tables=FE1={table}", "lattice.min_shoeboxes=1000"]   # checks only: no lattice fits
+    with pytest.raises(InputError, match="no lattice has 1000 usable shoeboxes"):
+        refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=words))
+    with pytest.raises(InputError, match="covers"):
+        refine_geometry(ly99, cache, resolve(GEOMETRY_SCHEMA, overrides=words + ["energy_offset.moves_intensity=True"]))
