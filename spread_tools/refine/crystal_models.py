@@ -51,6 +51,7 @@ from spread_tools.config import P
 from spread_tools.errors import InputError
 from spread_tools.model.crystal_params import (CELL_NAMES, CellParameterization, domain_matrices,
                                                rotation_angle_deg, split_orientation)
+from spread_tools.model.kernels.shoebox_sums import shoebox_moments
 from spread_tools.model.lattice_batch import DEFAULT_CUT, LatticeBatch
 from spread_tools.refine.lattice_fit import FitSettings, LatticeProblem
 from spread_tools.refine.mpi import get_comm, rank_blocks
@@ -249,24 +250,17 @@ class _Intensity:
         return I, dI
 
 
-def _centroids(ds, ev_model, ev_final, sb=None, xy=None):
+def _centroids(ds, ev_model, ev_final):
     """Per shoebox: model spot centroid (from ``ev_model``'s Bragg part), observed centroid of
-    counts − background (background of ``ev_final``), and whether the spot is significant.
-    ``sb``, ``xy``: ``ds.pixel_shoebox()`` and ``ds.pixel_xy() + 0.5`` when already at hand."""
-    sb = ds.pixel_shoebox() if sb is None else sb
-    xy = ds.pixel_xy() + 0.5 if xy is None else xy
-    m = ds.mask
-    n = ds.n_shoeboxes
-    bragg = np.where(m, ev_model.bragg, 0.0)
+    counts − background (background of ``ev_final``), and whether the spot is significant."""
     bg = ev_final.lam - ev_final.bragg
-    excess = np.where(m, np.asarray(ds.counts, np.float64) - bg, 0.0)
     out = {}
-    for name, w in (("model", bragg), ("observed", excess)):
-        tot = np.bincount(sb, weights=w, minlength=n)
+    for name, w in (("model", ev_model.bragg), ("observed", np.asarray(ds.counts, np.float64) - bg)):
+        mom = shoebox_moments(ds, w)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[name] = np.stack([np.bincount(sb, weights=w * xy[:, i], minlength=n) / tot for i in (0, 1)], 1)
-        out[name + "_total"] = tot
-    bg_tot = np.bincount(sb, weights=np.where(m, bg, 0.0), minlength=n)
+            out[name] = mom[:, 1:] / mom[:, :1]
+        out[name + "_total"] = mom[:, 0]
+    bg_tot = shoebox_moments(ds, bg)[:, 0]
     out["significant"] = (out["observed_total"] > 3.0 * np.sqrt(np.maximum(bg_tot, 1.0))) & \
         (out["model_total"] > 0)
     return out
@@ -278,6 +272,15 @@ def _rmsd_per_lattice(prob, cen_model, cen_obs, sig):
     n = prob._per_lattice(sig.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(prob._per_lattice(d2) / n), n
+
+
+def _lattices(ds, index):
+    """``ds.select_lattices(index)``, or ``ds`` itself when that would be the same dataset (all
+    lattices in order, shoeboxes grouped by lattice): no copy of every pixel on one rank."""
+    index = np.asarray(index, dtype=np.int64)
+    if np.array_equal(index, np.arange(ds.n_lattices)) and not np.any(np.diff(ds.sb_lattice) < 0):
+        return ds
+    return ds.select_lattices(index)
 
 
 def _ordered_sum(comm, values, counts):
@@ -348,12 +351,12 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
     if len(candidate) == 0:
         raise InputError(f"{ds.path}: no lattice has {cfg.lattice.min_shoeboxes} usable shoeboxes "
                          f"(lattice.min_shoeboxes)")
-    cds = pds.select_lattices(candidate)
+    cds = _lattices(pds, candidate)
     blocks = rank_blocks(cds, comm.size)
     counts = [b - a for a, b in blocks]
     lo, hi = blocks[comm.rank]
     mine = np.arange(lo, hi)
-    rds = cds.select_lattices(mine)
+    rds = _lattices(cds, mine)
     say(f"{ds.path}: {len(candidate)} lattices, {cds.n_shoeboxes} shoeboxes, {cds.n_pixels} pixels on "
         f"{comm.size} rank(s); cell parameters {', '.join(param.names)} ({param.system}); "
         f"refining {_describe(fs)}; curves {'; '.join(curves.describe())}")
@@ -611,9 +614,8 @@ def _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg):
     plus the refined A (9) and the per-shot offset."""
     ds, param = prob.ds, prob.param
     ev = prob.evaluate(st, want_lam=True)
-    sb, xy = ds.pixel_shoebox(), ds.pixel_xy() + 0.5
-    cen0 = _centroids(ds, ev0, ev, sb, xy)
-    cen1 = _centroids(ds, ev, ev, sb, xy)
+    cen0 = _centroids(ds, ev0, ev)
+    cen1 = _centroids(ds, ev, ev)
     sig = cen1["significant"]
     rmsd0, n_spots = _rmsd_per_lattice(prob, cen0["model"], cen0["observed"], sig)
     rmsd1, _ = _rmsd_per_lattice(prob, cen1["model"], cen1["observed"], sig)

@@ -46,6 +46,7 @@ import numpy as np
 
 from spread_tools.errors import InputError
 from spread_tools.model.crystal_params import domain_matrices
+from spread_tools.model.kernels.shoebox_sums import shoebox_moments
 from spread_tools.model.lattice_batch import DEFAULT_CUT
 
 __all__ = ["FitSettings", "Layout", "CrystalState", "Evaluation", "LatticeProblem", "solve_batched"]
@@ -310,11 +311,9 @@ class LatticeProblem:
         self.prepare_intensities(st)
         # G from the photons above the background estimate over the Bragg photons at G = 1
         ev = self.evaluate(st, want_lam=True, g_override=np.zeros(n))
-        m = ds.mask
-        sb_pix = ds.pixel_shoebox()
-        bragg = self._per_lattice(np.bincount(sb_pix[m], weights=ev.bragg[m], minlength=ds.n_shoeboxes))
-        excess = np.asarray(ds.counts, dtype=np.float64) - (ev.lam - ev.bragg)
-        excess = self._per_lattice(np.bincount(sb_pix[m], weights=excess[m], minlength=ds.n_shoeboxes))
+        bragg = self._per_lattice(shoebox_moments(ds, ev.bragg)[:, 0])
+        excess = self._per_lattice(shoebox_moments(ds, np.asarray(ds.counts, dtype=np.float64)
+                                                    - (ev.lam - ev.bragg))[:, 0])
         with np.errstate(divide="ignore", invalid="ignore"):
             G = np.where(bragg > 0, np.maximum(excess, 0.0) / bragg, 1.0)
         st.g = np.log(np.clip(G, 1e-3, 1e6))
