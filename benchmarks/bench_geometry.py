@@ -12,7 +12,8 @@ Figures:
   peak resident memory, Levenberg–Marquardt iterations per lattice, macrocycles, and the
   errors of the refined models against the simulation truth next to those of the stored
   models (rotation per axis in degrees with its reported σ, cell edges, domain size,
-  mosaic spread, energy offset).
+  mosaic spread, energy offset), and the macrocycle history (per macrocycle: wall time of
+  the fits and of the offset step, lattices refitted, LM iterations, offset evaluations).
 
 Usage::
 
@@ -147,7 +148,8 @@ def main(argv=None):
              stored=stored, refined=refined, rotation_sigma_rms_deg=sigma,
              rotation_error_over_sigma=refined["rotation_rms_deg_per_axis"] / sigma,
              centroid_rmsd_start_px=float(np.nanmedian(t["centroid_rmsd_start_px"][k])),
-             centroid_rmsd_final_px=float(np.nanmedian(t["centroid_rmsd_final_px"][k])))
+             centroid_rmsd_final_px=float(np.nanmedian(t["centroid_rmsd_final_px"][k])),
+             macrocycle_history=res.macrocycles)
         if args.output:
             refined_dataset(ds, res).write(args.output, overwrite=True)
 

@@ -9,6 +9,19 @@ holds the objective and the solver). A global energy offset of the spectrometer 
 optionally one per shot) is refined with them: it is shared by all lattices and updated
 between per-lattice fits by a profiled Newton step summed over lattices (and MPI ranks).
 
+Macrocycles: a per-lattice fit of every lattice, then the offset step; the lattices follow
+the step by their linear response (:meth:`~spread_tools.refine.lattice_fit.LatticeProblem.follow_offset`)
+and the next fit starts there, from the step's own evaluation. When the step moved the
+offset by less than ``optimizer.offset_tol_ev`` one last ("final") fit is made of only the
+lattices that had not converged: a converged lattice that followed so small a step is off
+its optimum by the second order of the step only (at LY99 size the whole objective then
+changes by ~0.1 over 60M pixels). Which lattices are refitted depends only on their own
+convergence flags, which the checkpoint holds, so a resumed run and any number of MPI
+ranks give the same answer. Every macrocycle's entry of the history (``macrocycles`` of the
+result, the checkpoint and ``geometry_refinement/history_json``) records its wall time
+(``fit_s``, ``offset_s``, of the rank-0 process and of this run only when resumed), the
+lattices refitted, their LM iterations and the evaluations of the offset step.
+
 An energy offset and a common scale of all cells are the same thing for the diffraction
 geometry (scaling every q and 1/λ alike leaves every spot in place), so the offset is
 only determined through the cell restraint (the dataset cell is the mean of the crystal
@@ -38,6 +51,7 @@ from spread_tools.config import P
 from spread_tools.errors import InputError
 from spread_tools.model.crystal_params import (CELL_NAMES, CellParameterization, domain_matrices,
                                                rotation_angle_deg, split_orientation)
+from spread_tools.model.kernels.shoebox_sums import shoebox_moments
 from spread_tools.model.lattice_batch import DEFAULT_CUT, LatticeBatch
 from spread_tools.refine.lattice_fit import FitSettings, LatticeProblem
 from spread_tools.refine.mpi import get_comm, rank_blocks
@@ -236,24 +250,17 @@ class _Intensity:
         return I, dI
 
 
-def _centroids(ds, ev_model, ev_final, sb=None, xy=None):
+def _centroids(ds, ev_model, ev_final):
     """Per shoebox: model spot centroid (from ``ev_model``'s Bragg part), observed centroid of
-    counts − background (background of ``ev_final``), and whether the spot is significant.
-    ``sb``, ``xy``: ``ds.pixel_shoebox()`` and ``ds.pixel_xy() + 0.5`` when already at hand."""
-    sb = ds.pixel_shoebox() if sb is None else sb
-    xy = ds.pixel_xy() + 0.5 if xy is None else xy
-    m = ds.mask
-    n = ds.n_shoeboxes
-    bragg = np.where(m, ev_model.bragg, 0.0)
+    counts − background (background of ``ev_final``), and whether the spot is significant."""
     bg = ev_final.lam - ev_final.bragg
-    excess = np.where(m, np.asarray(ds.counts, np.float64) - bg, 0.0)
     out = {}
-    for name, w in (("model", bragg), ("observed", excess)):
-        tot = np.bincount(sb, weights=w, minlength=n)
+    for name, w in (("model", ev_model.bragg), ("observed", np.asarray(ds.counts, np.float64) - bg)):
+        mom = shoebox_moments(ds, w)
         with np.errstate(divide="ignore", invalid="ignore"):
-            out[name] = np.stack([np.bincount(sb, weights=w * xy[:, i], minlength=n) / tot for i in (0, 1)], 1)
-        out[name + "_total"] = tot
-    bg_tot = np.bincount(sb, weights=np.where(m, bg, 0.0), minlength=n)
+            out[name] = mom[:, 1:] / mom[:, :1]
+        out[name + "_total"] = mom[:, 0]
+    bg_tot = shoebox_moments(ds, bg)[:, 0]
     out["significant"] = (out["observed_total"] > 3.0 * np.sqrt(np.maximum(bg_tot, 1.0))) & \
         (out["model_total"] > 0)
     return out
@@ -265,6 +272,15 @@ def _rmsd_per_lattice(prob, cen_model, cen_obs, sig):
     n = prob._per_lattice(sig.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(prob._per_lattice(d2) / n), n
+
+
+def _lattices(ds, index):
+    """``ds.select_lattices(index)``, or ``ds`` itself when that would be the same dataset (all
+    lattices in order, shoeboxes grouped by lattice): no copy of every pixel on one rank."""
+    index = np.asarray(index, dtype=np.int64)
+    if np.array_equal(index, np.arange(ds.n_lattices)) and not np.any(np.diff(ds.sb_lattice) < 0):
+        return ds
+    return ds.select_lattices(index)
 
 
 def _ordered_sum(comm, values, counts):
@@ -338,12 +354,12 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
     if len(candidate) == 0:
         raise InputError(f"{ds.path}: no lattice has {cfg.lattice.min_shoeboxes} usable shoeboxes "
                          f"(lattice.min_shoeboxes)")
-    cds = pds.select_lattices(candidate)
+    cds = _lattices(pds, candidate)
     blocks = rank_blocks(cds, comm.size)
     counts = [b - a for a, b in blocks]
     lo, hi = blocks[comm.rank]
     mine = np.arange(lo, hi)
-    rds = cds.select_lattices(mine)
+    rds = _lattices(cds, mine)
     say(f"{ds.path}: {len(candidate)} lattices, {cds.n_shoeboxes} shoeboxes, {cds.n_pixels} pixels on "
         f"{comm.size} rank(s); cell parameters {', '.join(param.names)} ({param.system}); "
         f"refining {_describe(fs)}; curves {'; '.join(curves.describe())}")
@@ -354,6 +370,11 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
         st = prob.initial_state(np.array(U0), np.array(p0), delta=start)
         ev0 = prob.evaluate(st, want_lam=True)
         st0 = st.copy()
+        # the first fit starts from this evaluation (its rows are updated in place); the
+        # start's NLL and Bragg part stay for the table
+        ev_start = dataclasses.replace(ev0, nll_sb=ev0.nll_sb.copy(), f_lat=ev0.f_lat.copy(),
+                                       lam=None, bragg=None)
+        ev0 = dataclasses.replace(ev0, grad_sb=None, fisher_sb=None, lam=None)
     ck = _checkpointer(checkpoint if root else None, cfg, ds, cache, stop)
     saved = _load_checkpoint(ck, comm, resume)
     pos = {"mc": 0, "phase": "fit", "final": False, "delta": start, "history": []}
@@ -367,7 +388,8 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
             prob.prepare_intensities(st)
         say(f"resuming from {checkpoint}: macrocycle {pos['mc'] + 1}, {pos['phase']} step")
     delta, history = pos["delta"], pos["history"]
-    ev = None
+    ev = ev_start if (saved is None and hi > lo) else None
+    say(f"setup {time.perf_counter() - t0:.1f} s")
 
     def pack(fit_progress=None):
         return _pack_state(comm, prob if hi > lo else None, st if hi > lo else None, counts,
@@ -380,43 +402,57 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
     while True:
         mc = pos["mc"]
         if pos["phase"] == "fit":
+            t_fit = time.perf_counter()
+            # the final pass (the offset moved less than offset_tol_ev) refits only the lattices
+            # that had not converged; the others keep their linear response to the offset step
+            refit = ~converged if pos["final"] else np.ones(len(mine), bool)
             if hi > lo:
-                st, ev, info = prob.fit(st, resume=fit_resume, on_iteration=hook)
-                converged, iterations = info["converged"], iterations + info["iterations"]
+                st, ev, info = prob.fit(st, ev=ev, resume=fit_resume, on_iteration=hook,
+                                        lattices=np.flatnonzero(refit))
+                converged = info["converged"] | ~refit
+                iterations = iterations + info["iterations"]
                 f_total = _ordered_sum(comm, ev.f_lat, counts)
+                pass_its = _ordered_sum(comm, info["iterations"].astype(float), counts)
             else:
                 f_total = _ordered_sum(comm, [], counts)
+                pass_its = _ordered_sum(comm, [], counts)
             fit_resume = None
             n_conv = int(_ordered_sum(comm, converged.astype(float), counts))
+            n_refit = int(_ordered_sum(comm, refit.astype(float), counts))
             history.append({"macrocycle": mc + 1, "objective": f_total, "energy_offset_ev": delta,
-                            "converged_lattices": n_conv})
+                            "converged_lattices": n_conv, "refitted_lattices": n_refit,
+                            "iterations": int(pass_its), "fit_s": time.perf_counter() - t_fit})
             say(f"macrocycle {mc + 1}: objective {f_total:.3f}, {n_conv} of {len(candidate)} lattices "
-                f"converged, energy offset {delta:+.3f} eV")
+                f"converged, energy offset {delta:+.3f} eV; {n_refit} lattices fitted, "
+                f"{int(pass_its)} iterations, {history[-1]['fit_s']:.1f} s")
             if fs.offset == "off" or mc == fs.max_macrocycles - 1 or pos["final"]:
                 break
             pos["phase"] = "offset"
             _sync_checkpoint(comm, ck, pack, force=True, detail=f"macrocycle {mc + 1} done")
             continue
         # the global energy offset: a profiled Newton step, halved until the objective falls
+        t_off = time.perf_counter()
         if hi > lo:
             ev = ev or prob.evaluate(st)
-            f_total = _ordered_sum(comm, ev.f_lat, counts)
             h, c = prob.offset_terms(st, ev)
         else:
-            f_total = _ordered_sum(comm, [], counts)
             h, c = np.zeros(0), np.zeros(0)
         H, C = _ordered_sum(comm, h, counts), _ordered_sum(comm, c, counts)
         step = -H / C if C > 0 else 0.0
         accepted = 0.0
+        trials = 0
         for t in (1.0, 0.5, 0.25, 0.125):
+            trials += 1
+            # the change of the objective as a sum of per-lattice changes: the difference of
+            # the totals (~1e7) would lose the last steps' changes (~0.01) to rounding
             if hi > lo:
                 trial = prob.follow_offset(st, t * step)
                 prob.prepare_intensities(trial)
                 ev_t = prob.evaluate(trial)
-                f_t = _ordered_sum(comm, ev_t.f_lat, counts)
+                change = _ordered_sum(comm, ev_t.f_lat - ev.f_lat, counts)
             else:
-                f_t = _ordered_sum(comm, [], counts)
-            if f_t < f_total:
+                change = _ordered_sum(comm, [], counts)
+            if change < 0:
                 accepted = t * step
                 if hi > lo:
                     st, ev = trial, ev_t
@@ -425,6 +461,9 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
             prob.prepare_intensities(st)
         delta += accepted
         history[-1]["offset_step_ev"] = accepted
+        history[-1]["offset_trials"] = trials
+        history[-1]["offset_s"] = time.perf_counter() - t_off
+        say(f"energy offset step {accepted:+.3f} eV ({trials} evaluations), {history[-1]['offset_s']:.1f} s")
         pos.update(mc=mc + 1, phase="fit", final=abs(accepted) < fs.offset_tol_ev)
         _sync_checkpoint(comm, ck, pack, force=True, detail=f"energy offset step {mc + 1} done")
     delta_sigma = float("nan")
@@ -438,7 +477,9 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
                             f"(± {delta_sigma:.2f} eV); with a calibrated spectrometer use "
                             f"refine.energy_offset=off")
             say(f"warning: {messages[-1]}")
+    t_table = time.perf_counter()
     table_local = _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg) if hi > lo else None
+    say(f"lattice table {time.perf_counter() - t_table:.1f} s")
     result = _collect(comm, ds, prep, candidate, counts, table_local, param, delta, history, messages,
                       t0, cfg, say)
     if result is not None:
@@ -576,9 +617,8 @@ def _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg):
     plus the refined A (9) and the per-shot offset."""
     ds, param = prob.ds, prob.param
     ev = prob.evaluate(st, want_lam=True)
-    sb, xy = ds.pixel_shoebox(), ds.pixel_xy() + 0.5
-    cen0 = _centroids(ds, ev0, ev, sb, xy)
-    cen1 = _centroids(ds, ev, ev, sb, xy)
+    cen0 = _centroids(ds, ev0, ev)
+    cen1 = _centroids(ds, ev, ev)
     sig = cen1["significant"]
     rmsd0, n_spots = _rmsd_per_lattice(prob, cen0["model"], cen0["observed"], sig)
     rmsd1, _ = _rmsd_per_lattice(prob, cen1["model"], cen1["observed"], sig)

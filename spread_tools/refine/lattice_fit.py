@@ -46,6 +46,7 @@ import numpy as np
 
 from spread_tools.errors import InputError
 from spread_tools.model.crystal_params import domain_matrices
+from spread_tools.model.kernels.shoebox_sums import shoebox_moments
 from spread_tools.model.lattice_batch import DEFAULT_CUT
 
 __all__ = ["FitSettings", "Layout", "CrystalState", "Evaluation", "LatticeProblem", "solve_batched"]
@@ -310,11 +311,9 @@ class LatticeProblem:
         self.prepare_intensities(st)
         # G from the photons above the background estimate over the Bragg photons at G = 1
         ev = self.evaluate(st, want_lam=True, g_override=np.zeros(n))
-        m = ds.mask
-        sb_pix = ds.pixel_shoebox()
-        bragg = self._per_lattice(np.bincount(sb_pix[m], weights=ev.bragg[m], minlength=ds.n_shoeboxes))
-        excess = np.asarray(ds.counts, dtype=np.float64) - (ev.lam - ev.bragg)
-        excess = self._per_lattice(np.bincount(sb_pix[m], weights=excess[m], minlength=ds.n_shoeboxes))
+        bragg = self._per_lattice(shoebox_moments(ds, ev.bragg)[:, 0])
+        excess = self._per_lattice(shoebox_moments(ds, np.asarray(ds.counts, dtype=np.float64)
+                                                    - (ev.lam - ev.bragg))[:, 0])
         with np.errstate(divide="ignore", invalid="ignore"):
             G = np.where(bragg > 0, np.maximum(excess, 0.0) / bragg, 1.0)
         st.g = np.log(np.clip(G, 1e-3, 1e6))
@@ -465,6 +464,11 @@ class LatticeProblem:
             k = m (+1 with the global δ); μ-damped (Marquardt, on the diagonal of the full
             information); ``parts`` holds what the back-substitution needs.
         """
+        return self.reduce(self.blocks(st, ev, lattices, with_delta), mu)
+
+    def blocks(self, st, ev, lattices, with_delta=False):
+        """The μ-independent part of :meth:`systems`: every shoebox's information and gradient
+        in the lattice's columns (x and the background plane), and the priors."""
         lay = self.layout
         k = lay.m + 1 if with_delta else lay.m
         lattices = np.asarray(lattices, dtype=np.int64)
@@ -478,26 +482,33 @@ class LatticeProblem:
         A = Tt @ F[:, :nG, :nG] @ Tsb          # batched matmul (BLAS), not a 3-operand einsum
         C = Tt @ F[:, :nG, nG:]
         r = (Tt @ gsb[:, :nG, None])[:, :, 0]
-        gB = gsb[:, nG:]
-        FBB = F[:, nG:, nG:]
-        lat_of_sb = np.repeat(np.arange(len(lattices)), np.diff(self.lat_sb_off)[lattices])
+        n_sb_lat = np.diff(self.lat_sb_off)[lattices]
+        starts = np.concatenate([[0], np.cumsum(n_sb_lat)[:-1]])
+        _, gp, hp = self.prior(st)
+        return {"k": k, "lattices": lattices, "sbs": sbs, "A": A, "C": C, "r": r, "gB": gsb[:, nG:],
+                "FBB": F[:, nG:, nG:], "starts": starts,
+                "lat_of_sb": np.repeat(np.arange(len(lattices)), n_sb_lat),
+                "adiag": np.add.reduceat(np.diagonal(A, axis1=1, axis2=2), starts, axis=0),
+                "gp": gp[lattices, :k], "hp": hp[lattices, :k]}
+
+    def reduce(self, blk, mu):
+        """:meth:`systems` from :meth:`blocks` at damping ``mu`` (n_sel,)."""
+        k, A, C, gB, FBB, starts = blk["k"], blk["A"], blk["C"], blk["gB"], blk["FBB"], blk["starts"]
+        lat_of_sb = blk["lat_of_sb"]
         mu_sb = np.asarray(mu)[lat_of_sb]
         D = FBB + mu_sb[:, None, None] * (np.eye(3)[None] * FBB)
         Dinv = np.linalg.inv(D)
         W = C @ Dinv
         S_sb = A - W @ np.transpose(C, (0, 2, 1))
-        rhs_sb = r - (W @ gB[:, :, None])[:, :, 0]
-        starts = np.concatenate([[0], np.cumsum(np.diff(self.lat_sb_off)[lattices])[:-1]])
+        rhs_sb = blk["r"] - (W @ gB[:, :, None])[:, :, 0]
         S = np.add.reduceat(S_sb, starts, axis=0)
         rhs = np.add.reduceat(rhs_sb, starts, axis=0)
-        adiag = np.add.reduceat(np.diagonal(A, axis1=1, axis2=2), starts, axis=0)
-        _, gp, hp = self.prior(st)
-        rhs = rhs + gp[lattices, :k]
-        hdiag = hp[lattices, :k]
+        rhs = rhs + blk["gp"]
+        hdiag = blk["hp"]
         S = S + hdiag[:, :, None] * np.eye(k)[None]
-        S = S + (np.asarray(mu)[:, None] * (adiag + hdiag))[:, :, None] * np.eye(k)[None]
+        S = S + (np.asarray(mu)[:, None] * (blk["adiag"] + hdiag))[:, :, None] * np.eye(k)[None]
         gBDg = np.sum(gB * (Dinv @ gB[:, :, None])[:, :, 0], axis=1)
-        parts = {"sbs": sbs, "C": C, "Dinv": Dinv, "gB": gB, "starts": starts,
+        parts = {"sbs": blk["sbs"], "C": C, "Dinv": Dinv, "gB": gB, "starts": starts,
                  "gBDg": np.add.reduceat(gBDg, starts), "lat_of_sb": lat_of_sb}
         return S, rhs, parts
 
@@ -509,15 +520,17 @@ class LatticeProblem:
         g_x = self._per_lattice(np.einsum("sik,si->sk", T, ev.grad_sb[:, :lay.nG])) + self.prior(st)[1]
         return g_x, ev.grad_sb[:, lay.nG:]
 
-    def step(self, st, ev, mu, lattices):
+    def step(self, st, ev, mu, lattices, blocks=None):
         """Damped Gauss–Newton steps of the given lattices (global δ fixed).
+
+        ``blocks``: :meth:`blocks` of these lattices at (st, ev) when already at hand.
 
         Returns
         -------
         dx : (n_sel, m), dB : (n_sel_sb, 3), decrement : (n_sel,)
             ``decrement`` = −gᵀΔ (with μ = 0 it is gᵀF⁻¹g).
         """
-        S, rhs, parts = self.systems(st, ev, mu, lattices)
+        S, rhs, parts = self.reduce(self.blocks(st, ev, lattices) if blocks is None else blocks, mu)
         dx = -solve_batched(S, rhs)
         dxs = dx[parts["lat_of_sb"]]
         dB = -np.einsum("sij,sj->si", parts["Dinv"], parts["gB"] + np.einsum("skj,sk->sj", parts["C"], dxs))
@@ -545,7 +558,7 @@ class LatticeProblem:
         return new
 
     # ------------------------------------------------------------------ solver
-    def fit(self, st, ev=None, log=None, resume=None, on_iteration=None):
+    def fit(self, st, ev=None, log=None, resume=None, on_iteration=None, lattices=None):
         """Levenberg–Marquardt on every lattice until each converges or stalls.
 
         Parameters
@@ -561,6 +574,9 @@ class LatticeProblem:
             Called after every iteration with a function that returns the progress
             (``mu``, ``active``, ``converged``, ``iterations``, ``decrement``, ``it``,
             ``n_eval``); a checkpoint stores it together with ``st``.
+        lattices : int array, optional
+            Fit only these lattices (default all); the others are left as they are and
+            reported as not converged with no iterations.
 
         Returns
         -------
@@ -576,6 +592,9 @@ class LatticeProblem:
         ev = ev or self.evaluate(st)
         mu = np.full(n, 1e-3)
         active = np.ones(n, bool)
+        if lattices is not None:
+            active[:] = False
+            active[np.asarray(lattices, dtype=np.int64)] = True
         converged = np.zeros(n, bool)
         iterations = np.zeros(n, np.int64)
         decrement = np.full(n, np.inf)
@@ -588,15 +607,19 @@ class LatticeProblem:
             idx = np.flatnonzero(active)
             if len(idx) == 0:
                 break
-            _, _, dec = self.step(st, ev, np.zeros(len(idx)), idx)
+            # one set of blocks for the decrement (μ = 0) and the damped step; the step of a
+            # lattice does not depend on which others are in the set
+            blk = self.blocks(st, ev, idx)
+            _, _, dec = self.step(st, ev, np.zeros(len(idx)), idx, blocks=blk)
             decrement[idx] = dec
             done = dec < fs.tol
             converged[idx[done]] = True
             active[idx[done]] = False
-            idx = idx[~done]
-            if len(idx) == 0 or it == fs.max_iterations:
+            if np.all(done) or it == fs.max_iterations:
                 break
-            dx, dB, _ = self.step(st, ev, mu[idx], idx)
+            dx, dB, _ = self.step(st, ev, mu[idx], idx, blocks=blk)
+            moving = np.repeat(~done, np.diff(self.lat_sb_off)[idx])
+            idx, dx, dB = idx[~done], dx[~done], dB[moving]
             sbs = self.shoeboxes_of(idx)
             trial = self.apply(st, idx, dx, dB, sbs)
             ev_t = self.evaluate(trial, lattices=idx)

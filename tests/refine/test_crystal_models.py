@@ -122,6 +122,19 @@ def test_global_energy_offset_is_found_when_the_cells_are_known(tmp_path, cache)
     assert 0 < r.energy_offset_sigma_ev < 0.3 and abs(r.energy_offset_ev - 2.0) < 3 * r.energy_offset_sigma_ev + 0.05
     steps = [m.get("offset_step_ev", 0.0) for m in r.macrocycles]
     assert len(r.macrocycles) >= 2 and r.energy_offset_ev == pytest.approx(sum(steps))
+    # every macrocycle records its times; after a step below offset_tol_ev the final pass
+    # refits only the lattices that had not converged
+    tol = GEOMETRY_SCHEMA["optimizer"]["offset_tol_ev"].default
+    n = ds.n_lattices
+    for i, m in enumerate(r.macrocycles):
+        assert m["fit_s"] >= 0 and m["iterations"] >= 0
+        if i + 1 < len(r.macrocycles):
+            assert m["offset_s"] >= 0 and 1 <= m["offset_trials"] <= 4
+        prev = r.macrocycles[i - 1] if i else None
+        final = prev is not None and abs(prev["offset_step_ev"]) < tol
+        assert m["refitted_lattices"] == (n - prev["converged_lattices"] if final else n)
+        assert not final or i == len(r.macrocycles) - 1
+    assert abs(r.macrocycles[-2]["offset_step_ev"]) < tol     # the run ended with a final pass
 
 
 def test_too_few_shoeboxes_are_flagged_and_left_out(ly99, cache):

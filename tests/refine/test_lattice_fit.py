@@ -133,3 +133,34 @@ def test_fit_lowers_every_objective_and_converges():
     assert info["converged"].all() and np.all(info["decrement"] < prob.fs.tol)
     # bounded families stay inside their bounds
     assert np.all((st.mosaic_deg > prob.fs.mosaic_bounds_deg[0]) & (st.mosaic_deg < prob.fs.mosaic_bounds_deg[1]))
+
+
+def test_fit_of_some_lattices_leaves_the_others_as_they_are():
+    prob, st = make_problem("isotropic", "global")
+    st_all, ev_all, info_all = prob.fit(st.copy())
+    st_one, ev_one, info_one = prob.fit(st.copy(), lattices=[1])
+    # lattice 0 untouched, lattice 1 exactly as in the fit of both (the fits are independent)
+    assert info_one["iterations"][0] == 0 and not info_one["converged"][0]
+    for name in ("theta", "p", "u_N", "g"):
+        np.testing.assert_array_equal(getattr(st_one, name)[0], getattr(st, name)[0])
+        np.testing.assert_array_equal(getattr(st_one, name)[1], getattr(st_all, name)[1])
+    sb0, sb1 = prob.shoeboxes_of([0]), prob.shoeboxes_of([1])
+    np.testing.assert_array_equal(st_one.bg[sb0], st.bg[sb0])
+    np.testing.assert_array_equal(st_one.bg[sb1], st_all.bg[sb1])
+    assert info_one["converged"][1] and info_one["iterations"][1] == info_all["iterations"][1]
+    assert ev_one.f_lat[1] == ev_all.f_lat[1]
+    np.testing.assert_array_equal(ev_one.f_lat[0], prob.evaluate(st).f_lat[0])
+
+
+def test_blocks_then_reduce_is_the_system():
+    prob, st = make_problem()
+    ev = prob.evaluate(st)
+    mu = np.array([0.3, 2e-3])
+    blk = prob.blocks(st, ev, [0, 1], with_delta=True)
+    for a, b in zip(prob.systems(st, ev, mu, [0, 1], with_delta=True)[:2], prob.reduce(blk, mu)[:2]):
+        np.testing.assert_array_equal(a, b)
+    # a lattice's step does not depend on the others in the set
+    dx, dB, dec = prob.step(st, ev, mu, [0, 1])
+    dx1, dB1, dec1 = prob.step(st, ev, mu[1:], [1])
+    np.testing.assert_array_equal(dx[1], dx1[0])
+    np.testing.assert_array_equal(dB[len(prob.shoeboxes_of([0])):], dB1)
