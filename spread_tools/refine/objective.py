@@ -208,7 +208,7 @@ class S1Problem(FisherInformationMixin):
     def _shuffled_intensities(self, fpc, fdpc, grad):
         """I (n_rows, n_chan) and ∂I/∂u of the refined sites with each row's channels looked up
         at ``lookup`` (the ``shuffle_channels`` control; one row per shoebox)."""
-        from spread_tools.structure.factors import structure_factors
+        from spread_tools.structure.factors import intensity_site_derivatives, structure_factors
         ref = self.ref_sites
         fpz, fdpz = fpc.copy(), fdpc.copy()
         fpz[ref] = 0.0
@@ -221,9 +221,7 @@ class S1Problem(FisherInformationMixin):
         I = np.ascontiguousarray(F.real ** 2 + F.imag ** 2)
         if not grad:
             return I, None, None
-        Fr, Fi = F.real.T[None], F.imag.T[None]                             # (1, n_chan, n_rows)
-        Sr, Si = S.real[:, None, :], S.imag[:, None, :]
-        return I, 2.0 * (Fr * Sr + Fi * Si), 2.0 * (Fi * Sr - Fr * Si)
+        return (I, *intensity_site_derivatives(F.T, S))
 
     def _channel_sums(self, d, dI):
         """Σ_h ∂f/∂I[h, c] ∂I[h, c]/∂u[s, ·] per site and lookup channel, (n_ref, n_chan).

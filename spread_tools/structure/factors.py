@@ -20,7 +20,7 @@ import numpy as np
 
 from spread_tools.errors import InputError
 
-__all__ = ["structure_factors", "intensity_and_gradients"]
+__all__ = ["structure_factors", "intensity_and_gradients", "intensity_site_derivatives"]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -121,11 +121,23 @@ def intensity_and_gradients(cache, energy_ev, fp_site, fdp_site, h_index=None,
     """
     F = structure_factors(cache, energy_ev, fp_site, fdp_site, h_index, reference)
     sl = slice(None) if h_index is None else np.asarray(h_index, dtype=np.int64)
-    S = cache.S_site[:, sl]
-    Fr, Fi = F.real, F.imag
-    intensity = Fr * Fr + Fi * Fi
-    Sr = S.real[:, None, :]
-    Si = S.imag[:, None, :]
-    dfp = 2.0 * (Fr[None] * Sr + Fi[None] * Si)
-    dfdp = 2.0 * (Fi[None] * Sr - Fr[None] * Si)
-    return intensity, dfp, dfdp
+    dfp, dfdp = intensity_site_derivatives(F, cache.S_site[:, sl])
+    return F.real * F.real + F.imag * F.imag, dfp, dfdp
+
+
+def intensity_site_derivatives(F, S_site):
+    """∂|F|²/∂f′ and ∂|F|²/∂f″ of sites entering F as (f′ + i f″) S_site.
+
+    Parameters
+    ----------
+    F : complex array (n_E, n_h)
+    S_site : complex array (n_site, n_h)
+
+    Returns
+    -------
+    dI_dfp, dI_dfdp : arrays (n_site, n_E, n_h)
+        2 Re(F̄ S_site) and 2 Re(F̄ · i S_site).
+    """
+    Fr, Fi = F.real[None], F.imag[None]
+    Sr, Si = S_site.real[:, None, :], S_site.imag[:, None, :]
+    return 2.0 * (Fr * Sr + Fi * Si), 2.0 * (Fi * Sr - Fr * Si)
