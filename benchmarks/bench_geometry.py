@@ -7,7 +7,8 @@ Figures:
   information in every crystal parameter) on ``--kernel-lattices`` lattices, against the
   forward channel-weight kernel of S1 (``model.pixel.channel_weights``: w only, every
   channel) on the same lattices in the same run: times, their ratio, and the forward
-  kernel's pixel·channel·domain throughput.
+  kernel's pixel·channel·domain throughput; and the geometry kernel's forward-only call
+  (λ without the matrix-parameter derivatives: ``LatticeProblem.forward``) against its full one.
 * ``geometry_refine``: the whole ``refine_geometry`` (library call, defaults): wall time,
   peak resident memory, Levenberg–Marquardt iterations per lattice, macrocycles, and the
   errors of the refined models against the simulation truth next to those of the stored
@@ -120,14 +121,21 @@ def main(argv=None):
         call = lambda: batch.evaluate(np.concatenate(mats), np.concatenate(dms), np.array(off),  # noqa: E731
                                       sub.domain_size_cells, batch.inverse_wavelength(np.zeros(sub.n_lattices)),
                                       I_sb, np.zeros_like(I_sb), np.ones(sub.n_lattices), bg)
+        dminv_all = np.concatenate(dms)
+        call_fwd = lambda: batch.evaluate(np.concatenate(mats), dminv_all[:, :0], np.array(off),  # noqa: E731
+                                          sub.domain_size_cells, batch.inverse_wavelength(np.zeros(sub.n_lattices)),
+                                          I_sb, np.zeros_like(I_sb), np.ones(sub.n_lattices), bg, want_lam=True)
         call()
+        call_fwd()
         channel_weights(sub, backend=backend)
         t_geo = min(_timed(call) for _ in range(3))
+        t_geo_fwd = min(_timed(call_fwd) for _ in range(3))
         t_fwd = min(_timed(lambda: channel_weights(sub, backend=backend)) for _ in range(3))
         work = float(sub.n_pixels) * sub.n_channels * float(np.mean(sub.n_domains))
         emit("geometry_kernel", info, n_lattices=sub.n_lattices, n_pixels=sub.n_pixels, n_channels=sub.n_channels,
              n_parameters_per_shoebox=int(np.concatenate(dms).shape[1]) + 8,
              geometry_kernel_s=t_geo, forward_channel_weights_s=t_fwd, ratio_geometry_to_forward=t_geo / t_fwd,
+             geometry_forward_only_s=t_geo_fwd, ratio_forward_only_to_geometry=t_geo_fwd / t_geo,
              forward_px_ch_dom_per_s=work / t_fwd, geometry_px_per_s=sub.n_pixels / t_geo)
 
         cache = SFCache.read(REPO / "test_data" / "sf_cache.h5")

@@ -129,7 +129,7 @@ class LatticeBatch:
             raise InputError(f"geometry kernel: {n_q} matrix parameters, at most {MAX_Q}")
         n_loc = n_q + N_EXTRA
         f64 = lambda a: np.ascontiguousarray(a, dtype=np.float64)  # noqa: E731
-        args = [f64(minv), f64(dminv.reshape(-1, n_q, 3, 3)), np.ascontiguousarray(dom_off, np.int64)]
+        args = [f64(minv), f64(dminv.reshape(len(minv), n_q, 3, 3)), np.ascontiguousarray(dom_off, np.int64)]
         st = self.static
         args += [st["s0hat"], st["pol_n"], st["pol_f"], f64(nabc), f64(il), st["phi"], st["porig"],
                  st["pfast"], st["pslow"], st["pnorm"], st["ppix"], st["pix_off"], st["bbox"],

@@ -478,7 +478,7 @@ def refine_geometry(ds, cache, cfg, comm=None, log=None, backend=None, checkpoin
                             f"refine.energy_offset=off")
             say(f"warning: {messages[-1]}")
     t_table = time.perf_counter()
-    table_local = _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg) if hi > lo else None
+    table_local = _lattice_rows(prob, st0, ev0, st, ev, converged, iterations, cfg) if hi > lo else None
     say(f"lattice table {time.perf_counter() - t_table:.1f} s")
     result = _collect(comm, ds, prep, candidate, counts, table_local, param, delta, history, messages,
                       t0, cfg, say)
@@ -612,13 +612,15 @@ def _describe(fs):
 _NUMERIC = [c for c in QC_COLUMNS if c not in ("lattice", "identifier", "status")]
 
 
-def _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg):
+def _lattice_rows(prob, st0, ev0, st, ev, converged, iterations, cfg):
     """This rank's per-lattice numbers (the columns of QC_COLUMNS but lattice/identifier/status)
-    plus the refined A (9) and the per-shot offset."""
+    plus the refined A (9) and the per-shot offset; ``ev`` is the full evaluation at ``st``
+    (computed when None)."""
     ds, param = prob.ds, prob.param
-    ev = prob.evaluate(st, want_lam=True)
-    cen0 = _centroids(ds, ev0, ev)
-    cen1 = _centroids(ds, ev, ev)
+    ev = ev or prob.evaluate(st)
+    fwd = prob.forward(st)
+    cen0 = _centroids(ds, ev0, fwd)
+    cen1 = _centroids(ds, fwd, fwd)
     sig = cen1["significant"]
     rmsd0, n_spots = _rmsd_per_lattice(prob, cen0["model"], cen0["observed"], sig)
     rmsd1, _ = _rmsd_per_lattice(prob, cen1["model"], cen1["observed"], sig)
@@ -637,7 +639,7 @@ def _lattice_rows(prob, st0, ev0, st, converged, iterations, cfg):
     cells = np.array([param.cell(st.p[j]) for j in range(n)])
     cols = {"n_shoeboxes": np.diff(prob.lat_sb_off).astype(float), "converged": converged.astype(float),
             "iterations": iterations.astype(float),
-            "nll_start": prob._per_lattice(ev0.nll_sb), "nll_final": prob._per_lattice(ev.nll_sb),
+            "nll_start": prob._per_lattice(ev0.nll_sb), "nll_final": prob._per_lattice(fwd.nll_sb),
             "rotation_change_deg": rot_change, "rotation_sigma_deg": rot_sigma}
     for i, name in enumerate(CELL_NAMES):
         cols[name] = cells[:, i]

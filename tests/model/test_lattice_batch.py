@@ -59,7 +59,8 @@ class Point:
         self.g = np.log(ds.truth.G) + 0.1
         self.bg = ds.truth.background + [0.05, 0.01, -0.01]
 
-    def evaluate(self, want_lam=False, want_jac=False):
+    def evaluate(self, want_lam=False, want_jac=False, no_q=False):
+        """Kernel results; ``no_q``: without the matrix parameters (the forward-only call)."""
         mats, dms, off = [], [], [0]
         for j in range(self.ds.n_lattices):
             mi, dm, _ = domain_matrices(self.U0[j], self.theta[j], self.param, self.p[j], self.eta[j],
@@ -69,7 +70,8 @@ class Point:
             off.append(off[-1] + len(mi))
         il = self.batch.inverse_wavelength(self.delta)
         I_sb = self.I0 + self.dI * self.delta[self.ds.sb_lattice][:, None]
-        return self.batch.evaluate(np.concatenate(mats), np.concatenate(dms), np.array(off),
+        dminv = np.concatenate(dms)
+        return self.batch.evaluate(np.concatenate(mats), dminv[:, :0] if no_q else dminv, np.array(off),
                                    np.exp(self.lnN), il, I_sb, self.dI, np.exp(self.g), self.bg,
                                    want_lam=want_lam, want_jac=want_jac)
 
@@ -214,6 +216,19 @@ def test_evaluation_is_bit_identical_and_subsets_agree(small):
     assert not sub.grad_sb[0].any()
 
 
+def test_call_without_matrix_parameters_keeps_lambda_and_the_other_columns(small):
+    ds, I_sb, dI_sb = small
+    pt = Point(ds, I_sb, dI_sb)
+    full = pt.evaluate(want_lam=True)
+    fwd = pt.evaluate(want_lam=True, no_q=True)
+    n_q = full.grad_sb.shape[1] - fwd.grad_sb.shape[1]
+    assert n_q > 0 and fwd.grad_sb.shape[1] == 8
+    for key in ("lam", "bragg", "nll_sb"):
+        np.testing.assert_array_equal(getattr(fwd, key), getattr(full, key))
+    np.testing.assert_allclose(fwd.grad_sb, full.grad_sb[:, n_q:], rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(fwd.fisher_sb, full.fisher_sb[:, n_q:, n_q:], rtol=1e-13, atol=1e-300)
+
+
 _CHILD = r"""
 import json, sys
 import numpy as np
@@ -238,9 +253,15 @@ for backend in ("cpu", "cuda"):
     pt.batch.oversample = 2
     a = pt.evaluate(want_lam=True, want_jac=True)
     b = pt.evaluate(want_lam=True, want_jac=True)
+    fwd = pt.evaluate(want_lam=True, no_q=True)
     res[backend] = (a, bool(np.array_equal(a.fisher_sb, b.fisher_sb) and np.array_equal(a.nll_sb, b.nll_sb)))
+    res[backend + "_forward"] = fwd
 out = {"tpb": geometry_cuda.TPB, "n_pix_sb": int(np.diff(ds.pixel_offset).max()),
        "cuda_repeat_identical": res["cuda"][1]}
+# the forward-only call (no matrix parameters) on the GPU against the full CPU evaluation
+for key in ("lam", "bragg", "nll_sb"):
+    x, y = getattr(res["cpu"][0], key), getattr(res["cuda_forward"], key)
+    out["forward_" + key] = float(np.max(np.abs(x - y)) / np.max(np.abs(x)))
 for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg", "jac"):
     x, y = getattr(res["cpu"][0], key), getattr(res["cuda"][0], key)
     out[key] = float(np.max(np.abs(x - y)) / np.max(np.abs(x)))
@@ -259,5 +280,6 @@ def test_cuda_kernel_matches_cpu_in_the_simulator():
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads([s for s in proc.stdout.splitlines() if s.startswith("RESULT")][-1][len("RESULT"):])
     assert r["cuda_repeat_identical"] and r["n_pix_sb"] > 2 * r["tpb"]   # three chunks per block
-    for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg", "jac"):
+    for key in ("nll_sb", "grad_sb", "fisher_sb", "lam", "bragg", "jac", "forward_lam", "forward_bragg",
+                "forward_nll_sb"):
         assert r[key] <= 1e-12, (key, r[key])
