@@ -12,6 +12,9 @@ and a 2 eV spectrometer offset. S1 (``refine_fdp`` defaults) is run three times:
   dataset with f′/f″ held at the previous S1 result (``curves.result=``), then S1; a line
   per round.
 
+Every round's S1 result (``RUN_roundK.h5``) and refined dataset (``refined_models_roundK_dataset.h5``)
+are kept in ``--workdir``.
+
 For each: f′ and f″ rms against the truth over 7090–7150 eV and rms error/σ per site, the
 edge of each site and the edge shift between the two sites, convergence, wall time.
 
@@ -84,6 +87,7 @@ def main(argv=None):
                 words = [] if curves_result is None else [f"curves.result={curves_result}"]
                 res = refine_geometry(data_in, cache, resolve(GEOMETRY_SCHEMA, overrides=words))
                 data = refined_dataset(data_in, res)
+                data.write(workdir / f"{run}_round{rnd}_dataset.h5", overwrite=True)
                 extra = {"round": rnd, "geometry_s": time.perf_counter() - t0,
                          "energy_offset_ev": float(np.mean(data.energy_ev - ds.energy_ev)),
                          "geometry_kept": len(res.kept), "geometry_curves": curves_result or "reference"}
@@ -96,10 +100,9 @@ def main(argv=None):
                               "converged": bool(result.converged), "message": result.message,
                               "s1_s": time.perf_counter() - t1, **extra, "recovery": rec, "machine": info}),
                   flush=True)
-            if rnd < rounds:
-                curves_result = workdir / f"{run}_round{rnd}.h5"
-                write_result(curves_result, result, overwrite=True)
-                data_in = data
+            curves_result = workdir / f"{run}_round{rnd}.h5"
+            write_result(curves_result, result, overwrite=True)
+            data_in = data
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 __all__ = []
 
 
-_CMD_STOP, _CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_START, _CMD_LOCALS = range(6)
+_CMD_STOP, _CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_START, _CMD_LOCALS, _CMD_GEOMETRY = range(7)
 
 
 class _Driver:
@@ -33,7 +33,7 @@ class _Driver:
         c = self.comm
         if c.size > 1:
             c.bcast_array([cmd], 1, np.int64)
-        if cmd in (_CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_LOCALS):
+        if cmd in (_CMD_EVAL, _CMD_DIAG, _CMD_FISHER, _CMD_LOCALS, _CMD_GEOMETRY):
             x = c.bcast_array(x, self.p.n_x)
         return x
 
@@ -68,6 +68,14 @@ class _Driver:
             if c.rank != 0:
                 return None
             return F.reshape(p.n_glob, p.n_glob) + p.restraint_hessian(x)
+        if cmd == _CMD_GEOMETRY:
+            # the crystal models' share of the information (refine.geometry_uncertainty)
+            dF, worst = p.local_geometry_information(x, p.geometry_profile)
+            tot = c.sum_in_order(dF.ravel())
+            worst = c.concat(np.array([worst]), [1] * c.size)
+            if c.rank != 0:
+                return None
+            return tot.reshape(p.n_glob, p.n_glob), float(np.max(worst))
         if cmd == _CMD_LOCALS:
             # every rank refits its own g and b exactly at x's curves (refine.local_fit)
             loc = c.concat(p.refit_locals(x), self.loc_counts)
@@ -95,7 +103,7 @@ class _Driver:
             full[self.loc_index] = loc
 
     def call(self, cmd, x):
-        """Run a collective command (EVAL, DIAG, FISHER, LOCALS) from rank 0."""
+        """Run a collective command (EVAL, DIAG, FISHER, LOCALS, GEOMETRY) from rank 0."""
         x = self._command(cmd, x)
         if cmd == _CMD_EVAL:
             self.n_eval += 1

@@ -233,6 +233,12 @@ class KKConstrainedProblem:
         Ft = 0.5 * (Ft + Ft.T)
         return Ft, np.diag(Ft).copy(), dloc
 
+    def local_geometry_information(self, x, profile):
+        """Tᵀ ΔF T of the inner problem's crystal-model correction (see ``local_fisher``)."""
+        dF, worst = self.inner.local_geometry_information(self.to_inner(x), profile)
+        dFt = self.T.T @ dF @ self.T
+        return 0.5 * (dFt + dFt.T), worst
+
     def predicted(self, x):
         """λ of this rank's pixels at ``x``."""
         return self.inner.predicted(self.to_inner(x))

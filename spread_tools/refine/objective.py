@@ -236,6 +236,12 @@ class S1Problem(FisherInformationMixin):
         n = len(self.channel_ev)
         return np.stack([np.bincount(idx, weights=prod[s].ravel(), minlength=n) for s in range(len(d))])
 
+    def local_geometry_information(self, x, profile):
+        """This rank's share of the information that profiling out the crystal models removes,
+        and the pixel models' agreement (:func:`spread_tools.refine.geometry_uncertainty.local_geometry_correction`)."""
+        from spread_tools.refine.geometry_uncertainty import local_geometry_correction
+        return local_geometry_correction(self, x, profile)
+
     def _local_params(self, x):
         fp, fdp, g, b = self.split(x)
         return fp, fdp, g[self.lat0:self.lat1], b[self.sb0:self.sb1]

@@ -89,7 +89,10 @@ added, and the posterior covariance is its inverse. By default
 (``uncertainty.calibrate``) the reported covariance adds the restraints' bias, a
 rank-one term (:mod:`spread_tools.refine.calibration`): the posterior alone counts
 the restraints as information and is too small where they dominate the data
-(errors of 1.8σ rms at 40 lattices). The same Fisher computation gives the
+(errors of 1.8σ rms at 40 lattices). For datasets written by ``refine_geometry``
+(``uncertainty.geometry``) every lattice's crystal model is profiled out of the
+information as well (:mod:`spread_tools.refine.geometry_uncertainty`): those models
+are estimates from the same pixels. The same Fisher computation gives the
 preconditioner of every macrocycle; it runs in channel space (per-shoebox
 Σ w wᵀ/λ over the shoebox's span of channel bands, Numba), whatever the number of
 channels. The edge of each site is the
@@ -142,6 +145,7 @@ from spread_tools.refine.driver import (
     _CMD_DIAG,
     _CMD_EVAL,
     _CMD_FISHER,
+    _CMD_GEOMETRY,
     _CMD_LOCALS,
     _Driver,
     _Preconditioner,
@@ -152,6 +156,7 @@ from spread_tools.refine.kk_constrained import make_problem
 from spread_tools.refine.objective import BOUND_B0, BOUND_LN_G, BOUND_SLOPE
 from spread_tools.refine.prepare import prepare_data
 from spread_tools.refine.restraints import RESTRAINT_SCHEMA
+from spread_tools.refine.geometry_uncertainty import geometry_profile_for
 from spread_tools.refine.uncertainty import _invert, edge_position
 
 __all__ = ["REFINE_SCHEMA", "RESULT_FORMAT", "RESULT_VERSION", "refine", "RefineResult",
@@ -196,6 +201,12 @@ REFINE_SCHEMA = {
                        "the curve the data ask for, spread_tools.refine.calibration); False: "
                        "the posterior sigma (F + H)^-1 alone, which counts the restraints as "
                        "information"),
+        "geometry": P("auto", "count each lattice's crystal model as an estimate in sigma "
+                      "(profile out the families refine_geometry refined: "
+                      "spread_tools.refine.geometry_uncertainty); auto: when every dataset was "
+                      "written by refine_geometry; on: also otherwise (refine_geometry's default "
+                      "families); off: the crystal models are taken as exact",
+                      choices=("auto", "on", "off")),
     },
     "lattice": {
         "min_shoeboxes": P(3, "drop lattices with fewer usable shoeboxes (with a warning; "
@@ -261,6 +272,7 @@ class RefineResult:
     fp_sigma_posterior: np.ndarray = None
     fdp_sigma_posterior: np.ndarray = None
     uncertainty: str = "posterior"
+    geometry_in_sigma: str = ""
     restraint_scales: dict = dataclasses.field(default_factory=dict)
     convergence: dict = dataclasses.field(default_factory=dict)
     dropped: dict = dataclasses.field(default_factory=dict)
@@ -342,6 +354,7 @@ def refine(datasets, cache, cfg, comm=None, checkpoint=None, resume=False, log=N
     for w in prepared.warnings:
         say(f"warning: {w}")
     problem = make_problem(prepared, cache, cfg, comm, backend=backend)
+    problem.geometry_profile = geometry_profile_for(datasets, prepared.ds, cfg.uncertainty.geometry)
     drv = _Driver(problem)
     curves = _start_curves(cfg, problem)
     pm_pix = problem.pm.n_pix if problem.pm is not None else 0
@@ -580,6 +593,14 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
     f_final, _ = drv.call(_CMD_EVAL, x)
     t_unc = time.perf_counter()
     F = drv.call(_CMD_FISHER, x)
+    geometry_in_sigma = ""
+    if p.geometry_profile is not None:
+        t_geo = time.perf_counter()
+        dF, worst = drv.call(_CMD_GEOMETRY, x)
+        F = F - dF
+        geometry_in_sigma = p.geometry_profile.describe()
+        say(f"crystal models profiled out of sigma (uncertainty.geometry): {geometry_in_sigma}; "
+            f"pixel models agree to {worst:.1e}; {time.perf_counter() - t_geo:.1f} s")
     cov_post = _invert(F)
     cov, calibration = cov_post, {"tau": [], "pull": np.zeros(p.n_glob), "names": []}
     if cfg.uncertainty.calibrate and p.restraints.terms:
@@ -626,7 +647,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
         warnings=list(prepared.warnings), x=x, fp_sigma_posterior=fp_sigma_post,
         fdp_sigma_posterior=fdp_sigma_post,
-        uncertainty="calibrated" if cov is not cov_post else "posterior",
+        uncertainty="calibrated" if cov is not cov_post else "posterior", geometry_in_sigma=geometry_in_sigma,
         restraint_scales=dict(zip(calibration["names"], calibration["tau"])),
         convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
         dropped=dict(prepared.dropped), control=cfg.control,
@@ -711,6 +732,7 @@ def write_result(path, result, overwrite=False):
                 if getattr(result, k, None) is not None:
                     h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
             h5.attrs["uncertainty"] = str(getattr(result, "uncertainty", "posterior"))
+            h5.attrs["geometry_in_sigma"] = str(getattr(result, "geometry_in_sigma", "") or "")
             h5.attrs["restraint_scales"] = json.dumps(getattr(result, "restraint_scales", {}) or {})
             for k, v in (result.convergence or {}).items():
                 h5.create_dataset(f"convergence/{k}", data=np.asarray(v, dtype=np.float64))
@@ -768,7 +790,7 @@ def read_result(path):
         except json.JSONDecodeError:
             out["config"] = {}
         for k in ("converged", "message", "objective", "datasets", "sf_cache", "n_ranks",
-                  "uncertainty", "restraint_scales", "control"):
+                  "uncertainty", "geometry_in_sigma", "restraint_scales", "control"):
             if k in h5.attrs:
                 v = h5.attrs[k]
                 out[k] = v.decode() if isinstance(v, bytes) else v

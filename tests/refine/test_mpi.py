@@ -77,3 +77,15 @@ def test_mpi_shuffle_channels_control_agrees_with_single_rank(data_file, tmp_pat
     one = _run(0, data_file, tmp_path / "one.h5", *words)
     two = _run(2, data_file, tmp_path / "two.h5", *words)
     _assert_curves_agree(two, one)
+
+
+def test_mpi_crystal_models_in_sigma_agree_with_single_rank(data_file, tmp_path):
+    """uncertainty.geometry=on: every rank profiles its own lattices' crystal models; the sum
+    over ranks is the single-rank correction."""
+    words = ("uncertainty.geometry=on",)
+    one = _run(0, data_file, tmp_path / "one.h5", *words)
+    off = _run(0, data_file, tmp_path / "off.h5", "uncertainty.geometry=off")
+    two = _run(2, data_file, tmp_path / "two.h5", *words)
+    assert one["geometry_in_sigma"] and two["geometry_in_sigma"] == one["geometry_in_sigma"]
+    assert np.nanmax(one["fdp_sigma"] / off["fdp_sigma"]) > 1.01
+    _assert_curves_agree(two, one, sigma_rtol=1e-5)
