@@ -90,7 +90,7 @@ def main(argv=None):
                 data.write(workdir / f"{run}_round{rnd}_dataset.h5", overwrite=True)
                 extra = {"round": rnd, "geometry_s": time.perf_counter() - t0,
                          "energy_offset_ev": float(np.mean(data.energy_ev - ds.energy_ev)),
-                         "geometry_kept": len(res.kept), "geometry_curves": curves_result or "reference"}
+                         "geometry_kept": len(res.kept), "geometry_curves": str(curves_result or "reference")}
             t1 = time.perf_counter()
             cfg = resolve(REFINE_SCHEMA, overrides=["backend=cpu", *args.words])
             result = refine([data], cache, cfg)
