@@ -217,9 +217,13 @@ def local_geometry_correction(problem, x, profile, max_pixels=1048576):
         return dF, 0.0
     fs, param = profile.fs, profile.param
     ds = p.local
-    W, S, bg, Gp, dfp, dfdp, _, _, _ = p._pixel_terms(x)
     fp, fdp, g, b = p._local_params(x)
-    I, _, _ = p._intensities(fp, fdp, grad=False)
+    I, dfp, dfdp = p._intensities(fp, fdp)
+    G = np.exp(g)
+    W = pm.expected_counts(I, G, b)
+    np.divide(1.0, W, out=W)
+    W[~np.asarray(pm.mask, dtype=bool)] = 0.0                      # mask / λ
+    Gp = G[pm.sb_lattice[pm.pixel_shoebox]]
     I_sb = np.ascontiguousarray(I[pm.sb_h_index])
     lat_sb = np.concatenate([[0], np.cumsum(np.bincount(pm.sb_lattice, minlength=pm.n_lat))]).astype(np.int64)
     lat_pix = pm.pixel_offset[lat_sb]
