@@ -86,7 +86,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from spread_tools.config import resolve
     from spread_tools.io.dataset import Dataset
-    from spread_tools.model.crystal_params import CellParameterization, domain_matrices, split_orientation
+    from spread_tools.model.crystal_params import CellParameterization, stored_domain_matrices
     from spread_tools.model.lattice_batch import LatticeBatch
     from spread_tools.model.pixel import channel_weights, resolve_backend
     from spread_tools.refine.crystal_models import GEOMETRY_SCHEMA, refine_geometry, refined_dataset
@@ -108,21 +108,14 @@ def main(argv=None):
         # kernels on a subset: geometry (all derivatives) vs S1's forward channel weights
         sub = ds.select_lattices(np.arange(min(args.kernel_lattices, ds.n_lattices)))
         param = CellParameterization.for_spacegroup(sub.spacegroup, sub.cell)
-        mats, dms, off = [], [], [0]
-        for j in range(sub.n_lattices):
-            U0, p0 = split_orientation(sub.A[j], param)
-            mi, dm, _ = domain_matrices(U0, np.zeros(3), param, p0, sub.mosaic_spread_deg[j], sub.n_domains[j])
-            mats.append(mi)
-            dms.append(dm)
-            off.append(off[-1] + len(mi))
+        minv, dminv_all, dom_off = stored_domain_matrices(sub, param)
         batch = LatticeBatch(sub, backend=backend)
         I_sb = np.full((sub.n_shoeboxes, sub.n_channels), 100.0)
         bg = np.tile([1.0, 0, 0], (sub.n_shoeboxes, 1))
-        call = lambda: batch.evaluate(np.concatenate(mats), np.concatenate(dms), np.array(off),  # noqa: E731
+        call = lambda: batch.evaluate(minv, dminv_all, dom_off,  # noqa: E731
                                       sub.domain_size_cells, batch.inverse_wavelength(np.zeros(sub.n_lattices)),
                                       I_sb, np.zeros_like(I_sb), np.ones(sub.n_lattices), bg)
-        dminv_all = np.concatenate(dms)
-        call_fwd = lambda: batch.evaluate(np.concatenate(mats), dminv_all[:, :0], np.array(off),  # noqa: E731
+        call_fwd = lambda: batch.evaluate(minv, dminv_all[:, :0], dom_off,  # noqa: E731
                                           sub.domain_size_cells, batch.inverse_wavelength(np.zeros(sub.n_lattices)),
                                           I_sb, np.zeros_like(I_sb), np.ones(sub.n_lattices), bg, want_lam=True)
         call()
@@ -133,7 +126,7 @@ def main(argv=None):
         t_fwd = min(_timed(lambda: channel_weights(sub, backend=backend)) for _ in range(3))
         work = float(sub.n_pixels) * sub.n_channels * float(np.mean(sub.n_domains))
         emit("geometry_kernel", info, n_lattices=sub.n_lattices, n_pixels=sub.n_pixels, n_channels=sub.n_channels,
-             n_parameters_per_shoebox=int(np.concatenate(dms).shape[1]) + 8,
+             n_parameters_per_shoebox=int(dminv_all.shape[1]) + 8,
              geometry_kernel_s=t_geo, forward_channel_weights_s=t_fwd, ratio_geometry_to_forward=t_geo / t_fwd,
              geometry_forward_only_s=t_geo_fwd, ratio_forward_only_to_geometry=t_geo_fwd / t_geo,
              forward_px_ch_dom_per_s=work / t_fwd, geometry_px_per_s=sub.n_pixels / t_geo)

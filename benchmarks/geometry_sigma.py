@@ -35,12 +35,10 @@ def main(argv=None):
     from spread_tools.config import resolve
     from spread_tools.io.dataset import Dataset
     from spread_tools.refine import REFINE_SCHEMA
-    from spread_tools.refine.calibration import calibrated_covariance, restraint_parts
     from spread_tools.refine.geometry_uncertainty import geometry_profile_for, local_geometry_correction
     from spread_tools.refine.objective import S1Problem
     from spread_tools.refine.prepare import prepare_data
-    from spread_tools.refine.s1 import read_result
-    from spread_tools.refine.uncertainty import _invert, edge_position
+    from spread_tools.refine.s1 import curve_uncertainties, read_result, reported_covariance
     from spread_tools.structure.cache import SFCache
     from recovery_sweep import recovery
     cache = SFCache.read(REPO / "test_data" / "sf_cache.h5")
@@ -63,22 +61,11 @@ def main(argv=None):
     dF, agreement = local_geometry_correction(p, x, profile)
     t_corr = time.perf_counter() - t0
     H = p.restraint_hessian(x)
-    parts = restraint_parts(p, x)
     out = {}
     for name, Fd in (("crystal_models_exact", F_data), ("crystal_models_profiled", F_data - dF)):
-        post = _invert(Fd + H)
-        cov = calibrated_covariance(Fd, parts, x[:p.n_glob], post)["covariance"] if cfg.uncertainty.calibrate \
-            else post
-        fp, fdp, c = p.curves_and_covariance(x, cov)
-        n = p.n_ref * p.n_grid
-        sg = np.sqrt(np.clip(np.diag(c), 0, None))
-        res.fp_sigma = sg[:n].reshape(p.n_ref, p.n_grid)
-        res.fdp_sigma = sg[n:].reshape(p.n_ref, p.n_grid)
-        edges = [edge_position(p.grid_ev, fdp[i], c[np.ix_(n + i * p.n_grid + np.arange(p.n_grid),
-                                                           n + i * p.n_grid + np.arange(p.n_grid))])
-                 for i in range(p.n_ref)]
-        res.edge_ev = np.array([e for e, _ in edges])
-        res.edge_sigma_ev = np.array([es for _, es in edges])
+        cov = reported_covariance(p, x, Fd + H, cfg.uncertainty.calibrate)[0]
+        _, _, _, res.fp_sigma, res.fdp_sigma, edges, edge_s = curve_uncertainties(p, x, cov)
+        res.edge_ev, res.edge_sigma_ev = np.array(edges), np.array(edge_s)
         out[name] = recovery(ds_in.truth, res)
     print(json.dumps({"figure": "geometry_sigma", "label": args.label, "n_lattices": int(p.n_lat),
                       "families": profile.describe(), "correction_s": t_corr,

@@ -33,7 +33,7 @@ from spread_tools.model.geometry import mosaic_axes_and_quantiles, rotation_matr
 
 __all__ = ["CELL_NAMES", "CellParameterization", "orthogonalization_matrix", "cell_from_A",
            "small_rotation", "mosaic_rotations_with_derivative", "split_orientation",
-           "domain_matrices", "rotation_angle_deg"]
+           "domain_matrices", "stored_domain_matrices", "rotation_angle_deg"]
 
 #: Names of the six cell constants, in order.
 CELL_NAMES = ("a", "b", "c", "alpha", "beta", "gamma")
@@ -338,6 +338,29 @@ def domain_matrices(U0, theta_rad, param, p, spread_deg, n_domains, want_rotatio
     dminv = np.stack(parts, axis=1) if parts else np.zeros((n_domains, 0, 3, 3))
     A = R @ U0 @ np.linalg.inv(binv)
     return minv, np.ascontiguousarray(dminv), A
+
+
+
+def stored_domain_matrices(ds, param, want_rotation=True, want_cell=True, want_mosaic=True):
+    """:func:`domain_matrices` of every lattice of a dataset at its stored crystal model (θ = 0).
+
+    Returns
+    -------
+    minv : ndarray (n_dom_total, 3, 3)
+    dminv : ndarray (n_dom_total, n_q, 3, 3)
+    dom_off : int64 array (n_lat + 1,)
+        Domains of lattice j are ``dom_off[j]:dom_off[j+1]`` (the layout of
+        :meth:`spread_tools.model.lattice_batch.LatticeBatch.evaluate`).
+    """
+    mats, dms, off = [], [], [0]
+    for j in range(ds.n_lattices):
+        U0, p0 = split_orientation(ds.A[j], param)
+        mi, dm, _ = domain_matrices(U0, np.zeros(3), param, p0, ds.mosaic_spread_deg[j], int(ds.n_domains[j]),
+                                    want_rotation, want_cell, want_mosaic)
+        mats.append(mi)
+        dms.append(dm)
+        off.append(off[-1] + len(mi))
+    return np.concatenate(mats), np.concatenate(dms), np.asarray(off, dtype=np.int64)
 
 
 def rotation_angle_deg(A1, A2):

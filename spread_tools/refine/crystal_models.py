@@ -599,11 +599,18 @@ def _sync_checkpoint(comm, ck, make_state, force=False, detail=""):
         raise Interrupted(int(flags[1]), ck.path, detail)
 
 
-def _describe(fs):
+def crystal_families(fs):
+    """Names of the per-lattice crystal-model families that ``fs`` refines (rotation, cell,
+    mosaic spread, domain size); the energy offset, G and backgrounds not included."""
     bits = [b for b, on in (("rotation", fs.rotation), ("cell", fs.cell), ("mosaic spread", fs.mosaic))
             if on]
     if fs.domain_size != "off":
         bits.append(f"domain size ({fs.domain_size})")
+    return bits
+
+
+def _describe(fs):
+    bits = crystal_families(fs)
     if fs.offset != "off":
         bits.append(f"energy offset ({fs.offset})")
     return ", ".join(bits + ["G", "backgrounds"])

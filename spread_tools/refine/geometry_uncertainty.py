@@ -110,11 +110,9 @@ class GeometryProfile:
 
     def describe(self):
         """One line: the families profiled out."""
-        fs = self.fs
-        bits = [b for b, on in (("rotation", fs.rotation), ("cell", fs.cell), ("mosaic spread", fs.mosaic)) if on]
-        if fs.domain_size != "off":
-            bits.append(f"domain size ({fs.domain_size})")
-        if fs.offset == "per_lattice":
+        from spread_tools.refine.crystal_models import crystal_families
+        bits = crystal_families(self.fs)
+        if self.fs.offset == "per_lattice":
             bits.append("per-shot energy offset")
         return ", ".join(bits) or "none"
 
@@ -123,30 +121,35 @@ class GeometryProfile:
         fs = self.fs
         return 3 * bool(fs.rotation) + self.param.n_free * bool(fs.cell) + bool(fs.mosaic)
 
-    def columns(self, jac, mosaic_deg):
-        """Per-pixel columns of x_j from the kernel's Jacobian (n_p, n_q + 8), and the prior
-        curvature of each column (n_x,) for a lattice of mosaic spread ``mosaic_deg``."""
+    def columns(self, jac):
+        """Per-pixel columns of x_j (n_p, n_x) from the kernel's Jacobian (n_p, n_q + 8): the
+        matrix parameters, ln N (summed when isotropic), the per-shot offset, g last."""
         fs, nq = self.fs, self.n_q()
         cols = [jac[:, :nq]]
-        prior = [np.zeros(nq)]
-        if fs.cell and fs.cell_sigma is not None:
-            a = 3 * bool(fs.rotation)
-            prior[0][a:a + self.param.n_free] = 1.0 / np.asarray(fs.cell_sigma, dtype=np.float64) ** 2
-        if fs.mosaic and fs.mosaic_log_sigma is not None:
-            prior[0][nq - 1] = 1.0 / (fs.mosaic_log_sigma * mosaic_deg) ** 2
-        n_curv = 0.0 if fs.domain_size_log_sigma is None else 1.0 / fs.domain_size_log_sigma ** 2
         if fs.domain_size == "isotropic":
             cols.append(jac[:, nq:nq + 3].sum(axis=1, keepdims=True))
-            prior.append([n_curv])
         elif fs.domain_size == "anisotropic":
             cols.append(jac[:, nq:nq + 3])
-            prior.append([n_curv] * 3)
         if fs.offset == "per_lattice":
             cols.append(jac[:, nq + 3:nq + 4])
-            prior.append([1.0 / fs.offset_sigma_ev ** 2])
         cols.append(jac[:, nq + 4:nq + 5])           # g = ln G: last, the column S1 profiles itself
-        prior.append([0.0])
-        return np.concatenate(cols, axis=1), np.concatenate([np.asarray(p, dtype=np.float64) for p in prior])
+        return np.concatenate(cols, axis=1)
+
+    def prior(self, mosaic_deg):
+        """Prior curvature of every column of :meth:`columns` (n_x,) for a lattice of mosaic
+        spread ``mosaic_deg`` (the ln η prior in the kernel's η column)."""
+        fs, nq = self.fs, self.n_q()
+        q = np.zeros(nq)
+        if fs.cell and fs.cell_sigma is not None:
+            a = 3 * bool(fs.rotation)
+            q[a:a + self.param.n_free] = 1.0 / np.asarray(fs.cell_sigma, dtype=np.float64) ** 2
+        if fs.mosaic and fs.mosaic_log_sigma is not None:
+            q[nq - 1] = 1.0 / (fs.mosaic_log_sigma * mosaic_deg) ** 2
+        n_curv = 0.0 if fs.domain_size_log_sigma is None else 1.0 / fs.domain_size_log_sigma ** 2
+        rest = {"isotropic": [n_curv], "anisotropic": [n_curv] * 3}.get(fs.domain_size, [])
+        if fs.offset == "per_lattice":
+            rest.append(1.0 / fs.offset_sigma_ev ** 2)
+        return np.concatenate([q, rest, [0.0]])
 
 
 def geometry_profile_for(datasets, ds, mode):
@@ -208,7 +211,7 @@ def local_geometry_correction(problem, x, profile, max_pixels=1048576):
     agreement : float
         Largest |λ_geometry − λ_S1| / λ_S1 over the unmasked pixels.
     """
-    from spread_tools.model.crystal_params import domain_matrices, split_orientation
+    from spread_tools.model.crystal_params import stored_domain_matrices
     from spread_tools.model.lattice_batch import LatticeBatch
     p, pm = problem, problem.pm
     ng = p.n_glob
@@ -236,15 +239,8 @@ def local_geometry_correction(problem, x, profile, max_pixels=1048576):
         k_a, k_b = lat_sb[c0], lat_sb[c1]
         p_a, p_b = pm.pixel_offset[k_a], pm.pixel_offset[k_b]
         batch = LatticeBatch(sub, backend=pm.backend, cut=fs.cut)
-        mats, dms, off = [], [], [0]
-        for j in range(sub.n_lattices):
-            U0, p0 = split_orientation(sub.A[j], param)
-            mi, dm, _ = domain_matrices(U0, np.zeros(3), param, p0, sub.mosaic_spread_deg[j], int(sub.n_domains[j]),
-                                        want_rotation=fs.rotation, want_cell=fs.cell, want_mosaic=fs.mosaic)
-            mats.append(mi)
-            dms.append(dm)
-            off.append(off[-1] + len(mi))
-        out = batch.evaluate(np.concatenate(mats), np.concatenate(dms), np.array(off), sub.domain_size_cells,
+        minv, dminv, dom_off = stored_domain_matrices(sub, param, fs.rotation, fs.cell, fs.mosaic)
+        out = batch.evaluate(minv, dminv, dom_off, sub.domain_size_cells,
                              batch.inverse_wavelength(np.zeros(sub.n_lattices)), I_sb[k_a:k_b],
                              np.zeros_like(I_sb[k_a:k_b]), np.exp(g[c0:c1]), b[k_a:k_b], want_lam=True,
                              want_jac=True)
@@ -252,9 +248,8 @@ def local_geometry_correction(problem, x, profile, max_pixels=1048576):
         m = Wc > 0
         if np.any(m):
             worst = max(worst, float(np.max(np.abs(out.lam[m] * Wc[m] - 1.0))))
-        Jx, _ = profile.columns(out.jac, 1.0)
+        Jx = np.ascontiguousarray(profile.columns(out.jac))
         nq, nx = profile.n_q(), Jx.shape[1]
-        Jx = np.ascontiguousarray(Jx)
         Jb = np.ascontiguousarray(out.jac[:, nq + 5:nq + 8])
         n_k = k_b - k_a
         Gx, Gb = np.zeros((n_k, ng, nx)), np.zeros((n_k, ng, 3))
@@ -271,7 +266,7 @@ def local_geometry_correction(problem, x, profile, max_pixels=1048576):
         first = lat_sb[c0:c1] - k_a
         Fgx = np.add.reduceat(Gx, first, axis=0)                     # (n_l, ng, nx)
         Fxx = np.add.reduceat(Fxx, first, axis=0)                    # (n_l, nx, nx)
-        prior = np.stack([profile.columns(out.jac[:0], float(ds.mosaic_spread_deg[j]))[1] for j in range(c0, c1)])
+        prior = np.stack([profile.prior(float(ds.mosaic_spread_deg[j])) for j in range(c0, c1)])
         ok = Fxx[:, -1, -1] > 1e-300
         Fgx, Fxx, prior = Fgx[ok], Fxx[ok], prior[ok]
         X = np.einsum("lxy,liy->lxi", np.linalg.pinv(Fxx + prior[:, :, None] * np.eye(nx), hermitian=True), Fgx)

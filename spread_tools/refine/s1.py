@@ -601,36 +601,17 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         geometry_in_sigma = p.geometry_profile.describe()
         say(f"crystal models profiled out of sigma (uncertainty.geometry): {geometry_in_sigma}; "
             f"pixel models agree to {worst:.1e}; {time.perf_counter() - t_geo:.1f} s")
-    cov_post = _invert(F)
-    cov, calibration = cov_post, {"tau": [], "pull": np.zeros(p.n_glob), "names": []}
-    if cfg.uncertainty.calibrate and p.restraints.terms:
-        parts = restraint_parts(p, x)
-        calibration = calibrated_covariance(F - p.restraint_hessian(x), parts, x[:p.n_glob],
-                                            cov_post)
-        cov = calibration["covariance"]
-        calibration["names"] = [q.name for q in parts]
-        scales = ", ".join(f"{q.name} x{t:.2f}" for q, t in zip(parts, calibration["tau"])
-                           if q.scalable)
+    cov, cov_post, calibration = reported_covariance(p, x, F, cfg.uncertainty.calibrate)
+    if cov is not cov_post:
+        scales = ", ".join(f"{name} x{t:.2f}" for name, t, scalable in
+                           zip(calibration["names"], calibration["tau"], calibration["scalable"]) if scalable)
         say(f"restraint bias included in sigma (uncertainty.calibrate): the data ask for "
             f"restraint sigmas {scales or '(none scaled)'}; largest pull "
             f"{float(np.max(np.abs(calibration['pull']), initial=0.0)):.3f} e-")
     say(f"uncertainties from the profiled Fisher information in {time.perf_counter() - t_unc:.2f} s")
     _, _, g, b = p.split(x)
-    fp, fdp, cov = p.curves_and_covariance(x, cov)     # on the result grid (fp, then fdp)
-    n = p.n_ref * p.n_grid
-
-    def sigmas(c):
-        d = np.diag(c)
-        sg = np.sqrt(np.where(d >= 0, d, np.nan))
-        return sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid)
-    fp_sigma, fdp_sigma = sigmas(cov)
-    fp_sigma_post, fdp_sigma_post = sigmas(p.curves_and_covariance(x, cov_post)[2])
-    edges, edge_s = [], []
-    for s in range(p.n_ref):
-        idx = n + s * p.n_grid + np.arange(p.n_grid)
-        e, es = edge_position(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)])
-        edges.append(e)
-        edge_s.append(es)
+    fp, fdp, cov, fp_sigma, fdp_sigma, edges, edge_s = curve_uncertainties(p, x, cov)
+    fp_sigma_post, fdp_sigma_post = curve_uncertainties(p, x, cov_post)[3:5]
     steps, step_s = _edge_steps(p, fdp, cov)
     lattice_G = np.full(prepared.n_lat_total, np.nan)
     lattice_G[prepared.lattice_orig] = np.exp(g)
@@ -652,6 +633,59 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
         dropped=dict(prepared.dropped), control=cfg.control,
         edge_step=np.array(steps), edge_step_sigma=np.array(step_s))
+
+
+def reported_covariance(p, x, F, calibrate):
+    """Covariances of S1's global parameters from their information at the solution.
+
+    Parameters
+    ----------
+    p : S1Problem or KKConstrainedProblem
+    x : array (n_x,)
+    F : array (n_glob, n_glob)
+        Information with the local parameters profiled out, restraints' Hessian included.
+    calibrate : bool
+        ``uncertainty.calibrate``: add the restraints' bias (:mod:`spread_tools.refine.calibration`).
+
+    Returns
+    -------
+    cov : the reported covariance (``cov_post`` itself when not calibrated)
+    cov_post : (F)⁻¹
+    calibration : dict
+        ``tau``, ``pull``, ``names``, ``scalable`` of the restraint terms (empty without calibration).
+    """
+    cov_post = _invert(F)
+    calibration = {"tau": [], "pull": np.zeros(p.n_glob), "names": [], "scalable": []}
+    if not (calibrate and p.restraints.terms):
+        return cov_post, cov_post, calibration
+    parts = restraint_parts(p, x)
+    calibration = calibrated_covariance(F - p.restraint_hessian(x), parts, x[:p.n_glob], cov_post)
+    calibration["names"] = [q.name for q in parts]
+    calibration["scalable"] = [q.scalable for q in parts]
+    return calibration["covariance"], cov_post, calibration
+
+
+def curve_uncertainties(p, x, cov):
+    """f′, f″ on the result grid with their covariance, σ and each site's edge.
+
+    Returns
+    -------
+    fp, fdp : (n_ref, n_grid)
+    cov_curves : covariance of (fp site-major, then fdp site-major)
+    fp_sigma, fdp_sigma : (n_ref, n_grid)
+    edges, edge_sigmas : lists (n_ref,) of :func:`~spread_tools.refine.uncertainty.edge_position`
+    """
+    fp, fdp, c = p.curves_and_covariance(x, cov)
+    n = p.n_ref * p.n_grid
+    d = np.diag(c)
+    sg = np.sqrt(np.where(d >= 0, d, np.nan))
+    edges, edge_s = [], []
+    for s in range(p.n_ref):
+        idx = n + s * p.n_grid + np.arange(p.n_grid)
+        e, es = edge_position(p.grid_ev, fdp[s], c[np.ix_(idx, idx)])
+        edges.append(e)
+        edge_s.append(es)
+    return fp, fdp, c, sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid), edges, edge_s
 
 
 def _edge_steps(p, fdp, cov):

@@ -67,7 +67,7 @@ def _brute_force(p, x, profile):
     def profiled(with_crystal):
         cols, prior = [Jg], [np.zeros(ng)]
         for j in range(ds.n_lattices):
-            Jx, pr = profile.columns(jac, float(ds.mosaic_spread_deg[j]))
+            Jx, pr = profile.columns(jac), profile.prior(float(ds.mosaic_spread_deg[j]))
             if not with_crystal:
                 Jx, pr = Jx[:, -1:], pr[-1:]
             cols.append(np.where((pix_lat == j)[:, None], Jx, 0.0))
