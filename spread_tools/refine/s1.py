@@ -602,6 +602,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         say(f"crystal models profiled out of sigma (uncertainty.geometry): {geometry_in_sigma}; "
             f"pixel models agree to {worst:.1e}; {time.perf_counter() - t_geo:.1f} s")
     cov, cov_post, calibration = reported_covariance(p, x, F, cfg.uncertainty.calibrate)
+    uncertainty = "calibrated" if cov is not cov_post else "posterior"
     if cov is not cov_post:
         scales = ", ".join(f"{name} x{t:.2f}" for name, t, scalable in
                            zip(calibration["names"], calibration["tau"], calibration["scalable"]) if scalable)
@@ -628,7 +629,7 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         datasets=[str(d) for d in dataset_names], sf_cache=str(cache_name),
         warnings=list(prepared.warnings), x=x, fp_sigma_posterior=fp_sigma_post,
         fdp_sigma_posterior=fdp_sigma_post,
-        uncertainty="calibrated" if cov is not cov_post else "posterior", geometry_in_sigma=geometry_in_sigma,
+        uncertainty=uncertainty, geometry_in_sigma=geometry_in_sigma,
         restraint_scales=dict(zip(calibration["names"], calibration["tau"])),
         convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
         dropped=dict(prepared.dropped), control=cfg.control,

@@ -141,3 +141,21 @@ def test_refine_fdp_sigma_grows_when_the_crystal_models_are_profiled_out(tmp_pat
     from spread_tools.refine.s1 import read_result, write_result
     write_result(tmp_path / "r.h5", on)
     assert read_result(tmp_path / "r.h5")["geometry_in_sigma"] == on.geometry_in_sigma
+
+
+def test_kk_constrained_mode_profiles_the_crystal_models_and_labels_its_sigma():
+    """The KK-constrained mode maps the correction by its T; its σ label says what σ is
+    (it read "calibrated" with uncertainty.calibrate=False, because that mode's curve
+    covariance is a new array)."""
+    cache = SFCache.read(TEST_DATA / "sf_cache.h5")
+    ds = Dataset.read(TEST_DATA / "dataset.h5").select_lattices(np.arange(8))
+    out = {}
+    for mode in ("off", "on"):
+        cfg = resolve(REFINE_SCHEMA, overrides=["backend=cpu", f"uncertainty.geometry={mode}",
+                                                "uncertainty.calibrate=False", "restraints.kramers_kronig.use=True",
+                                                "restraints.kramers_kronig.mode=constrained"])
+        out[mode] = refine([ds], cache, cfg)
+    assert out["on"].uncertainty == "posterior" and out["off"].uncertainty == "posterior"
+    np.testing.assert_array_equal(out["on"].fdp, out["off"].fdp)
+    ratio = out["on"].fdp_sigma / out["off"].fdp_sigma
+    assert np.all(ratio >= 1 - 1e-9) and ratio.max() > 1.01
