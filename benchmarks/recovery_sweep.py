@@ -12,7 +12,8 @@ its ground truth under ``truth/`` (``simulate_data``) and prints one JSON line:
   uncertainty over the same points; ``rms_z_fp`` / ``rms_z_fdp``, the rms of
   (refined − truth) / sigma (1 when the reported sigmas describe the error);
   ``edge_ev`` ± ``edge_sigma_ev`` and ``truth_edge_ev`` (the edge of
-  :func:`spread_tools.refine.uncertainty.edge_position` applied to the truth on the same grid);
+  :func:`spread_tools.refine.uncertainty.edge_position` applied to the truth on the same grid,
+  with the result's pre-/post-edge windows ``edge_window_ev``);
 * ``edge_shift_ev`` (FE1 − FE2, or first − second site) ± ``edge_shift_sigma_ev``
   against ``truth_edge_shift_ev``; ``difference_projection``: the refined
   difference of the two sites projected on the true difference (1: recovered in
@@ -131,8 +132,10 @@ def recovery(truth, res, window_ev=WINDOW_EV):
         and ``edge_shift_ev``, ``edge_shift_sigma_ev``, ``truth_edge_shift_ev``,
         ``difference_projection`` for the first two sites.
     """
+    from spread_tools.refine.s1 import edge_shifts
     from spread_tools.refine.uncertainty import edge_position
     e = np.asarray(res.energy_ev, dtype=np.float64)
+    windows = res.edge_window_ev if res.edge_window_ev is not None else np.tile([e[0], e[-1]], (len(res.site_names), 1))
     m = (e >= window_ev[0]) & (e <= window_ev[1])
     out, tf = {}, {}
     for s, name in enumerate(res.site_names):
@@ -153,13 +156,14 @@ def recovery(truth, res, window_ev=WINDOW_EV):
             "rms_z_fdp": float(np.sqrt(np.mean((dfdp / sfdp) ** 2))),
             "edge_ev": float(res.edge_ev[s]),
             "edge_sigma_ev": float(res.edge_sigma_ev[s]),
-            "truth_edge_ev": float(edge_position(e, tfdp)[0]),
+            "truth_edge_ev": float(edge_position(e, tfdp, None, *windows[s])[0]),
         }
     names = list(res.site_names)
     if len(names) >= 2:
         a, b = names[0], names[1]
         out["edge_shift_ev"] = out[a]["edge_ev"] - out[b]["edge_ev"]
-        out["edge_shift_sigma_ev"] = float(np.hypot(res.edge_sigma_ev[0], res.edge_sigma_ev[1]))
+        # σ from the joint covariance (edge_shifts gives site 1 − site 0)
+        out["edge_shift_sigma_ev"] = float(edge_shifts(res)[0][3])
         out["truth_edge_shift_ev"] = out[a]["truth_edge_ev"] - out[b]["truth_edge_ev"]
         d_ref = np.concatenate([res.fp[0] - res.fp[1], res.fdp[0] - res.fdp[1]])
         d_true = np.concatenate([tf[a][0] - tf[b][0], tf[a][1] - tf[b][1]])

@@ -95,6 +95,7 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
         from spread_tools.refine.mpi import select_device_for_rank
         from spread_tools.refine.s1 import (
             check_optimizer_config,
+            edge_shifts,
             log_to_stderr,
             refine,
             write_result,
@@ -139,9 +140,11 @@ def _run(comm, words, sf_cache, output, config, show_config, overwrite, resume, 
                            f"within about 2 sigma of 0)")
             for i, name in enumerate(result.site_names):
                 typer.echo(f"{SCRIPT}: {name}: edge {result.edge_ev[i]:.2f} ± "
-                           f"{result.edge_sigma_ev[i]:.2f} eV (f'' half step); edge step "
+                           f"{result.edge_sigma_ev[i]:.2f} eV (f'' half step, levels from the pre/post-edge means); edge step "
                            f"{result.edge_step[i]:.3f} ± {result.edge_step_sigma[i]:.3f} e-; median sigma "
                            f"f' {_median(result.fp_sigma[i]):.3f} e-, f'' {_median(result.fdp_sigma[i]):.3f} e-")
+            for name, first, shift, sig in edge_shifts(result):
+                typer.echo(f"{SCRIPT}: edge shift {name} - {first}: {shift:.2f} ± {sig:.2f} eV")
             dropped = {k: v for k, v in result.dropped.items() if v}
             if dropped:
                 typer.echo(f"{SCRIPT}: dropped " + ", ".join(f"{v} {k.replace('_', ' ')}"

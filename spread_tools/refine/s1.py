@@ -157,7 +157,7 @@ from spread_tools.refine.objective import BOUND_B0, BOUND_LN_G, BOUND_SLOPE
 from spread_tools.refine.prepare import prepare_data
 from spread_tools.refine.restraints import RESTRAINT_SCHEMA
 from spread_tools.refine.geometry_uncertainty import geometry_profile_for
-from spread_tools.refine.uncertainty import _invert, edge_position
+from spread_tools.refine.uncertainty import EDGE_POST_GAP_EV, EDGE_PRE_GAP_EV, _invert, edge_position
 
 __all__ = ["REFINE_SCHEMA", "RESULT_FORMAT", "RESULT_VERSION", "refine", "RefineResult",
            "write_result", "read_result"]
@@ -279,6 +279,7 @@ class RefineResult:
     control: str = None
     edge_step: np.ndarray = None
     edge_step_sigma: np.ndarray = None
+    edge_window_ev: np.ndarray = None
 
 
 def _start_curves(cfg, problem):
@@ -633,7 +634,8 @@ def _optimize(problem, drv, cfg, curves, checkpoint, resume, say, quiet, progres
         restraint_scales=dict(zip(calibration["names"], calibration["tau"])),
         convergence={k: np.asarray(v, dtype=np.float64) for k, v in conv.items()},
         dropped=dict(prepared.dropped), control=cfg.control,
-        edge_step=np.array(steps), edge_step_sigma=np.array(step_s))
+        edge_step=np.array(steps), edge_step_sigma=np.array(step_s),
+        edge_window_ev=edge_windows(p.grid_ev, reference_edges(p)))
 
 
 def reported_covariance(p, x, F, calibrate):
@@ -666,6 +668,29 @@ def reported_covariance(p, x, F, calibrate):
     return calibration["covariance"], cov_post, calibration
 
 
+def reference_edges(p):
+    """Each site's edge in its reference table on the grid (eV; NaN where the table has none in range)."""
+    from spread_tools.physics.scattering import reference_fp_fdp
+    return np.array([edge_position(p.grid_ev, reference_fp_fdp(el, p.grid_ev, p.cfg.reference)[1])[0]
+                     for el in p.site_elements])
+
+
+def edge_windows(grid_ev, reference_edges_ev):
+    """The pre-edge upper and post-edge lower ends (n_site, 2) of :func:`edge_position` (eV).
+
+    From each site's reference edge (:data:`EDGE_PRE_GAP_EV` below, :data:`EDGE_POST_GAP_EV`
+    above), clipped to the grid; the grid's end points where a site has no reference edge.
+    """
+    e = np.asarray(grid_ev, dtype=np.float64)
+    out = np.empty((len(reference_edges_ev), 2))
+    for s, e0 in enumerate(reference_edges_ev):
+        if np.isfinite(e0):
+            out[s] = max(e0 - EDGE_PRE_GAP_EV, e[0]), min(e0 + EDGE_POST_GAP_EV, e[-1])
+        else:
+            out[s] = e[0], e[-1]
+    return out
+
+
 def curve_uncertainties(p, x, cov):
     """f′, f″ on the result grid with their covariance, σ and each site's edge.
 
@@ -675,29 +700,55 @@ def curve_uncertainties(p, x, cov):
     cov_curves : covariance of (fp site-major, then fdp site-major)
     fp_sigma, fdp_sigma : (n_ref, n_grid)
     edges, edge_sigmas : lists (n_ref,) of :func:`~spread_tools.refine.uncertainty.edge_position`
+        with the windows of :func:`edge_windows`
     """
     fp, fdp, c = p.curves_and_covariance(x, cov)
     n = p.n_ref * p.n_grid
     d = np.diag(c)
     sg = np.sqrt(np.where(d >= 0, d, np.nan))
+    windows = edge_windows(p.grid_ev, reference_edges(p))
     edges, edge_s = [], []
     for s in range(p.n_ref):
         idx = n + s * p.n_grid + np.arange(p.n_grid)
-        e, es = edge_position(p.grid_ev, fdp[s], c[np.ix_(idx, idx)])
+        e, es = edge_position(p.grid_ev, fdp[s], c[np.ix_(idx, idx)], *windows[s])
         edges.append(e)
         edge_s.append(es)
     return fp, fdp, c, sg[:n].reshape(p.n_ref, p.n_grid), sg[n:].reshape(p.n_ref, p.n_grid), edges, edge_s
 
 
+def edge_shifts(result):
+    """Edge shift of every site against the first one, with σ from the joint covariance.
+
+    Parameters
+    ----------
+    result : RefineResult
+
+    Returns
+    -------
+    list of (name, first_name, shift_ev, sigma_ev)
+        ``shift_ev`` = edge of ``name`` − edge of ``first_name``
+        (:func:`~spread_tools.refine.uncertainty.edge_shift`, the windows of the result).
+    """
+    from spread_tools.refine.uncertainty import edge_shift
+    n_site, n_grid = np.shape(result.fdp)
+    windows = result.edge_window_ev if result.edge_window_ev is not None else \
+        np.tile([result.energy_ev[0], result.energy_ev[-1]], (n_site, 1))
+    off = n_site * n_grid
+    out = []
+    for s in range(1, n_site):
+        idx = np.concatenate([off + s * n_grid + np.arange(n_grid), off + np.arange(n_grid)])
+        shift, sig = edge_shift(result.energy_ev, result.fdp[s], result.fdp[0],
+                                np.asarray(result.covariance)[np.ix_(idx, idx)], windows[s], windows[0])
+        out.append((result.site_names[s], result.site_names[0], shift, sig))
+    return out
+
+
 def _edge_steps(p, fdp, cov):
     """Fitted f'' edge step of every site about its reference table's edge, with sigma."""
-    from spread_tools.physics.scattering import reference_fp_fdp
     from spread_tools.refine.controls import edge_step
     n = p.n_ref * p.n_grid
     steps, sig = [], []
-    for s, el in enumerate(p.site_elements):
-        ref = reference_fp_fdp(el, p.grid_ev, p.cfg.reference)[1]
-        e0 = edge_position(p.grid_ev, ref)[0]
+    for s, e0 in enumerate(reference_edges(p)):
         idx = n + s * p.n_grid + np.arange(p.n_grid)
         st, ss = edge_step(p.grid_ev, fdp[s], cov[np.ix_(idx, idx)], e0) if np.isfinite(e0) else \
             (float("nan"), float("nan"))
@@ -771,8 +822,8 @@ def write_result(path, result, overwrite=False):
             h5.attrs["restraint_scales"] = json.dumps(getattr(result, "restraint_scales", {}) or {})
             for k, v in (result.convergence or {}).items():
                 h5.create_dataset(f"convergence/{k}", data=np.asarray(v, dtype=np.float64))
-            for k in ("edge_step", "edge_step_sigma"):
-                if getattr(result, k) is not None:
+            for k in ("edge_step", "edge_step_sigma", "edge_window_ev"):
+                if getattr(result, k, None) is not None:
                     h5.create_dataset(k, data=np.asarray(getattr(result, k), dtype=np.float64))
             h5.attrs["dropped"] = json.dumps(result.dropped or {})
             h5.attrs["control"] = str(result.control or "")
@@ -813,7 +864,7 @@ def read_result(path):
                           if f"history/{k}" in h5}
         out["convergence"] = {k: read_array(h5, f"convergence/{k}", np.float64)
                               for k in CONVERGENCE_KEYS if f"convergence/{k}" in h5}
-        for k in ("edge_step", "edge_step_sigma"):
+        for k in ("edge_step", "edge_step_sigma", "edge_window_ev"):
             if k in h5:
                 out[k] = read_array(h5, k, np.float64)
         try:

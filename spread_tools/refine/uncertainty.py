@@ -21,7 +21,13 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["FisherInformationMixin", "edge_position"]
+__all__ = ["FisherInformationMixin", "edge_position", "edge_shift", "EDGE_PRE_GAP_EV", "EDGE_POST_GAP_EV"]
+
+#: refine_fdp's edge windows about the reference table's edge (eV): pre-edge points at or
+#: below edge − 10 eV (below the rise), post-edge points at or above edge + 20 eV (past
+#: the rise and most of the white line).
+EDGE_PRE_GAP_EV = 10.0
+EDGE_POST_GAP_EV = 20.0
 
 
 @numba.njit(cache=True)
@@ -394,11 +400,17 @@ def _invert(F):
     return cov
 
 
-def edge_position(energy_ev, fdp, cov=None):
+def edge_position(energy_ev, fdp, cov=None, pre_edge_max_ev=None, post_edge_min_ev=None):
     """Energy where f″ first crosses half its step, with its standard uncertainty.
 
-    The step is from the first to the last grid point: level L = (f″_0 + f″_last)/2;
-    the crossing is interpolated linearly between the two grid points around it.
+    The level is L = (f″_pre + f″_post)/2, with f″_pre the mean of f″ over the grid points
+    at or below ``pre_edge_max_ev`` and f″_post the mean over the points at or above
+    ``post_edge_min_ev`` (without them: the first and the last grid point alone). The
+    edge is the first upward crossing of L after the pre-edge points, interpolated
+    linearly between the two grid points around it. Means over several points make the
+    level, and so the edge, far less noisy than the two end points (which the SASE
+    spectra cover least); refine_fdp takes the windows from the reference table's edge
+    (:data:`EDGE_PRE_GAP_EV`, :data:`EDGE_POST_GAP_EV`).
 
     Parameters
     ----------
@@ -406,32 +418,72 @@ def edge_position(energy_ev, fdp, cov=None):
     fdp : array (n,)
     cov : array (n, n), optional
         Covariance of ``fdp``.
+    pre_edge_max_ev, post_edge_min_ev : float, optional
+        Upper end of the pre-edge window and lower end of the post-edge window (eV);
+        clipped to the grid, so each window holds at least its end point.
 
     Returns
     -------
     edge_ev, sigma_ev : float
-        NaN when f″ does not rise from the first to the last point.
+        NaN when f″ does not rise from the pre-edge to the post-edge level, when the
+        windows overlap, or when there is no crossing.
     """
+    edge, grad = _edge_and_gradient(energy_ev, fdp, pre_edge_max_ev, post_edge_min_ev)
+    if cov is None or not math.isfinite(edge):
+        return edge, math.nan
+    var = float(grad @ np.asarray(cov) @ grad)
+    return edge, math.sqrt(var) if var >= 0 else math.nan
+
+
+def _edge_and_gradient(energy_ev, fdp, pre_edge_max_ev=None, post_edge_min_ev=None):
+    """:func:`edge_position` without σ: the edge (eV, NaN where undefined) and ∂edge/∂f″."""
     e = np.asarray(energy_ev, dtype=np.float64)
     f = np.asarray(fdp, dtype=np.float64)
-    n = len(f)
-    level = 0.5 * (f[0] + f[-1])
-    if not f[-1] > f[0]:
-        return math.nan, math.nan
-    above = np.flatnonzero(f >= level)
+    nan = (math.nan, np.full(len(f), math.nan))
+    lo = e <= (e[0] if pre_edge_max_ev is None else max(float(pre_edge_max_ev), e[0]))
+    hi = e >= (e[-1] if post_edge_min_ev is None else min(float(post_edge_min_ev), e[-1]))
+    if np.any(lo & hi):
+        return nan
+    a_level = 0.5 * (lo / lo.sum() + hi / hi.sum())            # L = a_level @ f
+    level = float(a_level @ f)
+    if not float(hi @ f) / hi.sum() > float(lo @ f) / lo.sum():
+        return nan
+    k_start = int(np.flatnonzero(lo)[-1]) + 1
+    above = k_start + np.flatnonzero(f[k_start:] >= level)
+    if above.size == 0:
+        return nan
     k1 = int(above[0])
-    if k1 == 0:
-        return math.nan, math.nan
     k = k1 - 1
     de = e[k1] - e[k]
     df = f[k1] - f[k]
     edge = e[k] + (level - f[k]) / df * de
-    if cov is None:
-        return float(edge), math.nan
-    grad = np.zeros(n)
-    grad[0] += 0.5 * de / df
-    grad[-1] += 0.5 * de / df
+    grad = a_level * de / df
     grad[k] += de * (level - f[k1]) / df ** 2
     grad[k1] += -de * (level - f[k]) / df ** 2
-    var = float(grad @ np.asarray(cov) @ grad)
-    return float(edge), math.sqrt(var) if var >= 0 else math.nan
+    return float(edge), grad
+
+
+def edge_shift(energy_ev, fdp_a, fdp_b, cov, window_a=(None, None), window_b=(None, None)):
+    """Edge of site a minus edge of site b (:func:`edge_position`), σ from their joint covariance.
+
+    Parameters
+    ----------
+    energy_ev : array (n,)
+    fdp_a, fdp_b : arrays (n,)
+    cov : array (2n, 2n)
+        Covariance of ``(fdp_a, fdp_b)``: the cross terms count (the sites share the
+        lattices' scales and backgrounds).
+    window_a, window_b : (pre_edge_max_ev, post_edge_min_ev) of each site
+
+    Returns
+    -------
+    shift_ev, sigma_ev : float
+    """
+    ea, ga = _edge_and_gradient(energy_ev, fdp_a, *window_a)
+    eb, gb = _edge_and_gradient(energy_ev, fdp_b, *window_b)
+    shift = ea - eb
+    if not math.isfinite(shift):
+        return math.nan, math.nan
+    g = np.concatenate([ga, -gb])
+    var = float(g @ np.asarray(cov) @ g)
+    return float(shift), math.sqrt(var) if var >= 0 else math.nan

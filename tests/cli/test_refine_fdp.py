@@ -39,12 +39,23 @@ def test_refine_fdp_runs_and_writes(tiny_file, tmp_path):
                             "restraints.fp.sigma=0.1"])
     assert r.exit_code == 0, r.output
     assert "FE1: edge" in r.output and "converged" in r.output
+    shift_line = next(line for line in r.output.splitlines() if "edge shift FE2 - FE1" in line)
     assert out.exists() and (tmp_path / "res.csv").exists()
     assert not (tmp_path / "res.ckpt.h5").exists()              # removed after convergence
     res = R.read_result(out)
     assert res["site_names"] == ["FE1", "FE2"] and res["fp"].shape == (2, 26)
     assert res["config"]["restraints"]["fp"]["sigma"] == 0.1
     assert res["datasets"] and res["sf_cache"].endswith("sf_cache.h5")
+    # the edges use the stored windows, and the printed shift is the edges' difference
+    e, n, ng = res["energy_ev"], 2, len(res["energy_ev"])
+    assert res["edge_window_ev"].shape == (2, 2) and np.all(res["edge_window_ev"][:, 0] > e[0])
+    for s in range(n):
+        idx = n * ng + s * ng + np.arange(ng)
+        edge, sig = R.edge_position(e, res["fdp"][s], res["covariance"][np.ix_(idx, idx)], *res["edge_window_ev"][s])
+        assert res["edge_ev"][s] == pytest.approx(edge, nan_ok=True)
+        assert res["edge_sigma_ev"][s] == pytest.approx(sig, nan_ok=True)
+    shown = float(shift_line.split(":")[-1].split("±")[0])
+    assert shown == pytest.approx(res["edge_ev"][1] - res["edge_ev"][0], abs=0.006, nan_ok=True)
     with h5py.File(out) as h5:
         assert h5.attrs["format"] == "spread_tools.result" and h5.attrs["version"] == 1
         for k in ("energy_ev", "fp_sigma", "fdp_sigma", "edge_ev", "edge_sigma_ev", "lattice_G",

@@ -414,7 +414,7 @@ def _recovery(ds, res):
         out[name] = {"rms_fp": float(np.sqrt(np.mean((res.fp[s] - tfp)[m] ** 2))),
                      "rms_fdp": float(np.sqrt(np.mean((res.fdp[s] - tfdp)[m] ** 2))),
                      "edge_ev": float(res.edge_ev[s]), "edge_sigma_ev": float(res.edge_sigma_ev[s]),
-                     "truth_edge_ev": R.edge_position(e, tfdp)[0]}
+                     "truth_edge_ev": R.edge_position(e, tfdp, None, *res.edge_window_ev[s])[0]}
     out["edge_shift_ev"] = out["FE1"]["edge_ev"] - out["FE2"]["edge_ev"]
     out["edge_shift_sigma_ev"] = float(np.hypot(*res.edge_sigma_ev))
     out["truth_edge_shift_ev"] = out["FE1"]["truth_edge_ev"] - out["FE2"]["truth_edge_ev"]
