@@ -30,6 +30,10 @@ posterior σ alone (``posterior``, (F + H)⁻¹):
 * ``frac_within_1sigma``: the fraction of |refined − truth| ≤ σ over the replicates
   (0.683 for an honest Gaussian σ).
 
+and one ``recovery`` line per setting: rms error (e⁻), σ and edges of every site and the
+edge shift between the first two (``recovery_sweep.recovery``), for the dataset's counts
+(``data``) and the noise-free counts (``noise_free``, the bias in e⁻).
+
 "truth" is the truth curve at the grid energies. With several datasets (independent
 simulations, e.g. other seeds) a last ``pooled`` line per setting gives the rms z and the
 fraction within 1σ over every dataset, replicate, site and window point: one dataset's
@@ -55,6 +59,7 @@ from pathlib import Path
 
 import numpy as np
 from _common import machine
+from recovery_sweep import recovery
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -182,6 +187,13 @@ def calibrate_dataset(path, cache, settings, args, rng, pool):
                                  int(sum(r.converged for r in reps))]
             line["wall_s"] = round(wall, 1)
             print(json.dumps(line), flush=True)
+        # rms errors (e-) and edge shifts of the dataset's own counts and of the noise-free
+        # counts side by side: the noise-free error is the estimator's bias
+        rec = {"what": "recovery", "dataset": str(path), "setting": label, "words": words,
+               "window_ev": list(args.window), "data": recovery(ds.truth, res_data, tuple(args.window))}
+        if res_free is not None:
+            rec["noise_free"] = recovery(ds.truth, res_free, tuple(args.window))
+        print(json.dumps(rec), flush=True)
 
 
 def main(argv=None):

@@ -20,7 +20,7 @@ energies (interpolation matrix = identity) composed with that map ``x_S1 = T θ 
 gradients are ``Tᵀ ∂f/∂x_S1`` (chain rule), the profiled Fisher information is
 ``Tᵀ F T`` (profiling the local parameters commutes with a linear map of the global ones),
 and the reported curves on the f″ grid with their covariance are ``J cov_θ Jᵀ``.
-Restraints: the Sauter f″ term (``restraints.fdp.mean/sigma``) acts on the f″ grid with σ
+Restraints: the Sauter f″ term(s) (``restraints.fdp.mean/sigma/edge_sigma``) act on the f″ grid with σ
 scaled by sqrt(step / grid.step_ev) and the mean by step / grid.step_ev (the same prior per
 ``grid.step_ev`` as the ordinary mode); f′ terms do not apply (f′ is not a parameter).
 
@@ -35,7 +35,7 @@ import numpy as np
 from spread_tools.errors import InputError
 from spread_tools.refine.grid import energy_grid
 from spread_tools.refine.objective import S1Problem
-from spread_tools.refine.restraints import FlatLayout, RestraintSum, SauterRestraint
+from spread_tools.refine.restraints import FlatLayout, RestraintSum, reference_edges_on_grid, sauter_terms
 
 __all__ = ["KKConstrainedProblem", "make_problem"]
 
@@ -125,10 +125,14 @@ class KKConstrainedProblem:
         self.T, self.t0 = T, t0
         layout = FlatLayout(n_ref, ng, kinds=("fdp",), n_other=self.n_off)
         terms = []
-        if cfg.restraints.fdp.mean is not None:
+        rf = cfg.restraints.fdp
+        if rf.mean is not None:
             scale = step / base_step
-            terms.append(SauterRestraint("fdp", float(cfg.restraints.fdp.mean) * scale,
-                                         float(cfg.restraints.fdp.sigma) * np.sqrt(scale), layout))
+            edge_sigma = None if rf.edge_sigma is None else float(rf.edge_sigma) * np.sqrt(scale)
+            edges = None if edge_sigma is None else \
+                reference_edges_on_grid(self.grid_ev, inn.site_elements, cfg.reference)
+            terms += sauter_terms("fdp", float(rf.mean) * scale, float(rf.sigma) * np.sqrt(scale),
+                                  edge_sigma, layout, self.grid_ev, edges)
         lines = [ops[el].describe() for el in dict.fromkeys(inn.site_elements)]
         lines.append(f"{n_ref} x {ng} f'' parameters (step {step:g} eV)"
                      + (f" + {n_ref} f' offsets" if self.offset else "")

@@ -62,7 +62,12 @@ Example: fit one f′, f″ pair to noisy samples with scipy (any minimizer that
 Defaults (:data:`RESTRAINT_SCHEMA`): f′ Sauter on (mean 0, σ 0.2 e⁻), f″ Sauter on
 (mean 0, σ 0.3 e⁻), KK off. The reference LY99 S1 run used σ 0.04 and 0.08 e⁻
 (f″ mean 0.03); on simulated data those stiffer values flatten the f′ dip and give
-errors 5–10× the reported σ (``benchmarks/recovery_sweep.py``). KK restraint:
+errors 5–10× the reported σ (``benchmarks/recovery_sweep.py``).
+``restraints.fdp.edge_sigma`` / ``restraints.fp.edge_sigma`` (default None: off) give the
+adjacent differences inside each site's edge region (its element's reference edge −10 to
++20 eV, :func:`edge_region_steps`) a σ of their own (:func:`sauter_terms`): a single σ
+small enough to smooth the flat parts flattens the 3–4 e⁻ rise of f″, and at LY99 size
+that bias is most of the f″ error (``benchmarks/RESULTS.md``). KK restraint:
 ``restraints.fdp.mean=None restraints.kramers_kronig.use=True``;
 ``restraints.kramers_kronig.mode=constrained`` refines f″ only and computes f′ from it
 (:mod:`spread_tools.refine.kk_constrained`).
@@ -78,7 +83,8 @@ from spread_tools.physics.kk import check_grid
 
 __all__ = ["RESTRAINT_SCHEMA", "FlatLayout", "sauter_difference", "SauterRestraint",
            "KramersKronigRestraint", "RestraintSum", "Restraints", "build_restraints",
-           "active_terms", "kk_weight_from_floor"]
+           "active_terms", "kk_weight_from_floor", "edge_region_steps", "sauter_terms",
+           "reference_edges_on_grid"]
 
 RESTRAINT_SCHEMA = {
     "fp": {
@@ -86,6 +92,10 @@ RESTRAINT_SCHEMA = {
                   "points", units="e-", type=float, optional=True),
         "sigma": P(0.2, "Sauter restraint on f': sigma of the adjacent difference (the reference "
                    "S1 run used 0.04)", units="e-"),
+        "edge_sigma": P(None, "Sauter restraint on f': sigma of the adjacent differences inside "
+                        "each site's edge region (its reference edge -10 to +20 eV, where f' dips "
+                        "by several e-); None: restraints.fp.sigma there too", units="e-",
+                        type=float, optional=True),
     },
     "fdp": {
         "mean": P(0.0, "Sauter restraint on f'': expected difference between adjacent grid "
@@ -93,6 +103,10 @@ RESTRAINT_SCHEMA = {
                   optional=True),
         "sigma": P(0.3, "Sauter restraint on f'': sigma of the adjacent difference (the reference "
                    "S1 run used 0.08)", units="e-"),
+        "edge_sigma": P(None, "Sauter restraint on f'': sigma of the adjacent differences inside "
+                        "each site's edge region (its reference edge -10 to +20 eV, where f'' "
+                        "rises by 3-4 e- within about 12 eV); None: restraints.fdp.sigma there too",
+                        units="e-", type=float, optional=True),
     },
     "kramers_kronig": {
         "use": P(False, "tie f' to f'' by Kramers-Kronig (with the element's self-consistent "
@@ -199,7 +213,7 @@ def _check_sigma(key, sigma):
     return s
 
 
-def sauter_difference(u, mean, sigma):
+def sauter_difference(u, mean, sigma, steps=None):
     """Sauter (2020) adjacent-difference restraint on one kind of parameter.
 
     Parameters
@@ -210,23 +224,56 @@ def sauter_difference(u, mean, sigma):
         Expected difference u_k − u_{k−1} (e⁻).
     sigma : float
         Its standard deviation (e⁻), > 0.
+    steps : numpy.ndarray of bool, optional
+        Which differences count, shape of ``numpy.diff(u, axis=-1)`` (default: all).
 
     Returns
     -------
     f : float
-        Σ (u_k − u_{k−1} − mean)² / (2σ²) over sites and k.
+        Σ (u_k − u_{k−1} − mean)² / (2σ²) over sites and the counted k.
     g : numpy.ndarray
         ∂f/∂u, shape of ``u``.
     """
     sigma = _check_sigma("sigma", sigma)
     u = np.asarray(u, dtype=np.float64)
     d = np.diff(u, axis=-1) - float(mean)
+    if steps is not None:
+        d = np.where(np.asarray(steps, dtype=bool), d, 0.0)
     f = float(np.sum(d * d)) / (2.0 * sigma * sigma)
     w = d / (sigma * sigma)
     g = np.zeros_like(u)
     g[..., 1:] += w
     g[..., :-1] -= w
     return f, g
+
+
+def edge_region_steps(energy_ev, reference_edges_ev):
+    """Which adjacent differences of every site lie in its edge region, (n_site, n_grid − 1) bool.
+
+    The edge region of a site runs from its reference edge minus
+    :data:`~spread_tools.refine.uncertainty.EDGE_PRE_GAP_EV` to the edge plus
+    :data:`~spread_tools.refine.uncertainty.EDGE_POST_GAP_EV` (the gap between the
+    pre- and post-edge windows of the edge position): a difference between grid points
+    E_k and E_k+1 belongs to it when E_k+1 > edge − pre gap and E_k < edge + post gap.
+    A site whose reference edge is NaN (none on the grid) has no edge region.
+
+    Parameters
+    ----------
+    energy_ev : array_like
+        Grid (eV), (n_grid,).
+    reference_edges_ev : array_like
+        Reference edge of every site (eV), (n_site,).
+
+    Returns
+    -------
+    numpy.ndarray of bool
+    """
+    from spread_tools.refine.uncertainty import EDGE_POST_GAP_EV, EDGE_PRE_GAP_EV
+    e = np.asarray(energy_ev, dtype=np.float64)
+    e0 = np.asarray(reference_edges_ev, dtype=np.float64)[:, None]
+    with np.errstate(invalid="ignore"):
+        inside = (e[None, 1:] > e0 - EDGE_PRE_GAP_EV) & (e[None, :-1] < e0 + EDGE_POST_GAP_EV)
+    return inside & np.isfinite(e0)
 
 
 class _Term:
@@ -254,18 +301,29 @@ class SauterRestraint(_Term):
         Its standard deviation (e⁻), > 0.
     layout : FlatLayout
         Where the curves sit in ``x``.
+    steps : numpy.ndarray of bool, optional
+        (n_site, n_grid − 1): the differences this term restrains (default: all), e.g.
+        inside or outside the edge regions (:func:`edge_region_steps`).
+    name : str, optional
+        Default ``"sauter_<which>"``.
     """
 
-    def __init__(self, which, mean, sigma, layout):
+    def __init__(self, which, mean, sigma, layout, steps=None, name=None):
         if which not in ("fp", "fdp"):
             raise InputError(f"restraint: which must be 'fp' or 'fdp', got {which!r}")
         if which not in layout.kinds:
             raise InputError(f"restraint: the layout holds no {which}")
         self.which = which
-        self.name = f"sauter_{which}"
+        self.name = name or f"sauter_{which}"
         self.mean = float(mean)
         self.sigma = _check_sigma(f"restraints.{which}.sigma", sigma)
         self.layout = layout
+        if steps is not None:
+            steps = np.asarray(steps, dtype=bool)
+            if steps.shape != (layout.n_site, max(layout.n_grid - 1, 0)):
+                raise InputError(f"restraint: steps has shape {steps.shape}, the layout needs "
+                                 f"({layout.n_site}, {max(layout.n_grid - 1, 0)})")
+        self.steps = steps
 
     def curves(self, fp, fdp):
         """``(f, g_fp, g_fdp)`` on curve arrays (n_site, n_grid); g of an absent kind is None."""
@@ -273,12 +331,63 @@ class SauterRestraint(_Term):
         if u.shape[-1] < 2:
             f, g = 0.0, np.zeros_like(u)
         else:
-            f, g = sauter_difference(u, self.mean, self.sigma)
+            f, g = sauter_difference(u, self.mean, self.sigma, self.steps)
         return (f, g, None) if self.which == "fp" else (f, None, g)
 
     def describe(self):
         """One line for logs."""
-        return f"{self.name}: mean {self.mean:g} e-, sigma {self.sigma:g} e-"
+        where = "" if self.steps is None else \
+            f" on {int(self.steps.sum())} of {self.steps.size} adjacent differences"
+        return f"{self.name}: mean {self.mean:g} e-, sigma {self.sigma:g} e-{where}"
+
+
+def sauter_terms(which, mean, sigma, edge_sigma, layout, energy_ev=None, reference_edges_ev=None):
+    """The Sauter term(s) of one kind: one term, or one outside and one inside the edge regions.
+
+    Parameters
+    ----------
+    which : str
+        ``"fp"`` or ``"fdp"``.
+    mean, sigma : float
+        Expected adjacent difference and its σ (e⁻).
+    edge_sigma : float or None
+        σ inside the edge regions (``restraints.<which>.edge_sigma``); None: one term, σ
+        everywhere.
+    layout : FlatLayout
+    energy_ev, reference_edges_ev : array_like, optional
+        Grid (eV) and each site's reference edge (eV); needed with ``edge_sigma``.
+
+    Returns
+    -------
+    list of SauterRestraint
+        ``[sauter_<which>]`` or ``[sauter_<which>, sauter_<which>_edge]`` (a term with no
+        difference to restrain is left out). With ``edge_sigma == sigma`` the two add up to
+        the single term exactly.
+    """
+    sigma = _check_sigma(f"restraints.{which}.sigma", sigma)
+    if edge_sigma is None:
+        return [SauterRestraint(which, mean, sigma, layout)]
+    edge_sigma = _check_sigma(f"restraints.{which}.edge_sigma", edge_sigma)
+    inside = edge_region_steps(energy_ev, reference_edges_ev)
+    terms = []
+    if (~inside).any():
+        terms.append(SauterRestraint(which, mean, sigma, layout, steps=~inside))
+    if inside.any():
+        terms.append(SauterRestraint(which, mean, edge_sigma, layout, steps=inside,
+                                     name=f"sauter_{which}_edge"))
+    return terms
+
+
+def reference_edges_on_grid(energy_ev, site_elements, source="chantler"):
+    """Each site's f″ edge in its element's reference table on the grid (eV; NaN: none on the grid)."""
+    from spread_tools.physics.scattering import reference_fp_fdp
+    from spread_tools.refine.uncertainty import edge_position
+    e = np.asarray(energy_ev, dtype=np.float64)
+    cache = {}
+    for el in site_elements:
+        if el not in cache:
+            cache[el] = edge_position(e, reference_fp_fdp(el, e, source)[1])[0]
+    return np.array([cache[el] for el in site_elements], dtype=np.float64)
 
 
 def kk_weight_from_floor(floor_rms):
@@ -529,16 +638,20 @@ def active_terms(cfg):
     Returns
     -------
     list of str
-        Subset of ``["sauter_fp", "sauter_fdp", "kramers_kronig"]`` in that order; in the
-        constrained mode ``["sauter_fdp", "kk_constrained"]`` (f′ is not a parameter).
+        Subset of ``["sauter_fp", "sauter_fp_edge", "sauter_fdp", "sauter_fdp_edge",
+        "kramers_kronig"]`` in that order (the ``_edge`` terms with
+        ``restraints.<kind>.edge_sigma``); in the constrained mode ``["sauter_fdp", …,
+        "kk_constrained"]`` (f′ is not a parameter). :func:`build_restraints` leaves out a
+        Sauter term with no difference to restrain (no site's edge on the grid).
     """
     get = _section(cfg)
     mode = kk_mode(cfg)
     names = []
-    if get("fp.mean") is not None and mode != "constrained":
-        names.append("sauter_fp")
-    if get("fdp.mean") is not None:
-        names.append("sauter_fdp")
+    for which in ("fp", "fdp"):
+        if get(f"{which}.mean") is not None and not (which == "fp" and mode == "constrained"):
+            names.append(f"sauter_{which}")
+            if get(f"{which}.edge_sigma") is not None:
+                names.append(f"sauter_{which}_edge")
     if mode == "restraint":
         names.append("kramers_kronig")
     elif mode == "constrained":
@@ -605,11 +718,14 @@ def build_restraints(cfg, energy_ev, site_elements, reference=None, reference_so
     get = _section(cfg)
     mode = kk_mode(cfg)
     terms = []
+    edges = None
     for which in ("fp", "fdp"):
         mean = get(f"{which}.mean")
         if mean is not None and which in layout.kinds:
-            terms.append(SauterRestraint(which, mean, _check_sigma(f"restraints.{which}.sigma",
-                                                                   get(f"{which}.sigma")), layout))
+            edge_sigma = get(f"{which}.edge_sigma")
+            if edge_sigma is not None and edges is None:
+                edges = reference_edges_on_grid(energy, elements, reference_source)
+            terms += sauter_terms(which, mean, get(f"{which}.sigma"), edge_sigma, layout, energy, edges)
     if mode == "restraint":
         pad = get("kramers_kronig.pad")
         try:

@@ -670,9 +670,8 @@ def reported_covariance(p, x, F, calibrate):
 
 def reference_edges(p):
     """Each site's edge in its reference table on the grid (eV; NaN where the table has none in range)."""
-    from spread_tools.physics.scattering import reference_fp_fdp
-    return np.array([edge_position(p.grid_ev, reference_fp_fdp(el, p.grid_ev, p.cfg.reference)[1])[0]
-                     for el in p.site_elements])
+    from spread_tools.refine.restraints import reference_edges_on_grid
+    return reference_edges_on_grid(p.grid_ev, p.site_elements, p.cfg.reference)
 
 
 def edge_windows(grid_ev, reference_edges_ev):

@@ -278,6 +278,8 @@ EXTRA = [
     ("refine_fdp", ["pixel_model.band_rtol=2"], "pixel_model.band_rtol"),
     ("refine_fdp", ["pixel_model.band_floor=-1"], "pixel_model.band_floor"),
     ("refine_fdp", ["uncertainty.geometry=maybe"], "uncertainty.geometry"),
+    ("refine_fdp", ["restraints.fdp.edge_sigma=0"], "restraints.fdp.edge_sigma"),
+    ("refine_fdp", ["restraints.fp.edge_sigma=-0.5"], "restraints.fp.edge_sigma"),
     ("plot_curves", ["energy.min_ev=7170", "energy.max_ev=7070"], "energy.min_ev=7170, energy.max_ev=7070"),
     # refine_geometry (issue 10): restraint sigma <= 0, an unknown family, bad bounds, a table
     # that does not cover the spectra

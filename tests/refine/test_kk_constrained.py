@@ -85,10 +85,15 @@ def test_channel_fp_is_the_exact_kk_partner(tiny, cache):
 
 @pytest.mark.parametrize("words", [(), ("restraints.kramers_kronig.offset=False",
                                         "restraints.kramers_kronig.fdp_step_ev=1",
-                                        "restraints.fdp.mean=0.01")],
-                         ids=["4eV-offset", "1eV-no-offset"])
+                                        "restraints.fdp.mean=0.01"),
+                                   ("restraints.kramers_kronig.fdp_step_ev=2", "restraints.fdp.edge_sigma=1.0")],
+                         ids=["4eV-offset", "1eV-no-offset", "2eV-edge-sigma"])
 def test_gradient_matches_finite_differences(tiny, cache, words, gradient_check):
     p = problem(tiny, cache, *words)
+    if "restraints.fdp.edge_sigma=1.0" in words:
+        # σ per grid.step_ev, so sqrt(2/4) of it per 2 eV step inside the edge region
+        assert p.restraints.active == ["sauter_fdp", "sauter_fdp_edge", "kk_constrained"]
+        assert p.restraints.terms[1].sigma == pytest.approx(np.sqrt(0.5))
     rng = np.random.default_rng(5)
     glob, loc = p.start_vector()
     x = np.concatenate([glob, loc])

@@ -21,8 +21,12 @@ from spread_tools.refine.restraints import (
     SauterRestraint,
     active_terms,
     build_restraints,
+    edge_region_steps,
+    reference_edges_on_grid,
     sauter_difference,
+    sauter_terms,
 )
+from spread_tools.refine.uncertainty import EDGE_POST_GAP_EV, EDGE_PRE_GAP_EV
 
 SCHEMA = {"restraints": RESTRAINT_SCHEMA}
 GRID = np.arange(7070.0, 7170.0 + 1e-9, 4.0)[:9]          # 9 points, 7070-7102 eV
@@ -203,11 +207,78 @@ def test_gradients_on_a_nonuniform_grid_and_fdp_only_layout():
     (["fp.mean=0.01", "fdp.mean=0.03", "kramers_kronig.use=true", "kramers_kronig.pad=40",
       "kramers_kronig.weight=7"], ["sauter_fp", "sauter_fdp", "kramers_kronig"]),
     ([], ["sauter_fp", "sauter_fdp"]),
-], ids=["sauter_fp", "sauter_fdp", "kk", "all", "defaults"])
+    (["fdp.edge_sigma=1.0"], ["sauter_fp", "sauter_fdp", "sauter_fdp_edge"]),
+    (["fp.edge_sigma=0.6", "fdp.edge_sigma=1.0"],
+     ["sauter_fp", "sauter_fp_edge", "sauter_fdp", "sauter_fdp_edge"]),
+], ids=["sauter_fp", "sauter_fdp", "kk", "all", "defaults", "fdp_edge", "both_edges"])
 def test_built_from_the_configuration(words, names):
     r = build_restraints(cfg(*words), GRID, ["Fe", "Fe"])
     assert r.active == names == active_terms(cfg(*words))
     assert_flat_gradient(r, r.layout, flat_x(r.layout, 2))
+
+
+# ----------------------------------------------------------------- edge regions
+
+FULL_GRID = np.arange(7070.0, 7171.0, 4.0)                 # 26 points over the Fe K edge
+
+
+def test_edge_region_steps_by_brute_force():
+    edges = np.array([7112.0, 7119.3, np.nan, 7071.0, 7160.0])  # NaN: no edge on the grid
+    mask = edge_region_steps(FULL_GRID, edges)
+    assert mask.shape == (edges.size, FULL_GRID.size - 1)
+    for s, e0 in enumerate(edges):
+        for k in range(FULL_GRID.size - 1):
+            a, b = FULL_GRID[k], FULL_GRID[k + 1]
+            # the open interval (a, b) meets the open interval (e0 - pre, e0 + post)
+            meets = np.isfinite(e0) and b > e0 - EDGE_PRE_GAP_EV and a < e0 + EDGE_POST_GAP_EV
+            assert mask[s, k] == meets, (s, k)
+    # 7112 eV: from the step 7102-7106 (7102 = edge - 10, the last pre-edge point) to 7130-7134
+    assert FULL_GRID[:-1][mask[0]][[0, -1]].tolist() == [7102.0, 7130.0]
+    assert not mask[2].any() and mask[3, 0] and mask[4, -1]        # regions at both grid ends
+
+
+def test_reference_edge_of_iron_is_the_k_edge():
+    e0 = reference_edges_on_grid(FULL_GRID, ["Fe", "Fe"])
+    assert e0[0] == e0[1] and 7108.0 < e0[0] < 7116.0              # Fe K: 7112 eV
+    assert np.isnan(reference_edges_on_grid(FULL_GRID, ["Zn"])[0])  # Zn K (9659 eV) is off the grid
+
+
+def test_edge_sigma_equal_to_sigma_is_the_single_term():
+    lay = FlatLayout(2, FULL_GRID.size, n_other=2)
+    x = flat_x(lay, 7)
+    edges = reference_edges_on_grid(FULL_GRID, ["Fe", "Fe"])
+    for which in ("fp", "fdp"):
+        one = SauterRestraint(which, 0.02, 0.3, lay)
+        two = sauter_terms(which, 0.02, 0.3, 0.3, lay, FULL_GRID, edges)
+        assert [t.name for t in two] == [f"sauter_{which}", f"sauter_{which}_edge"]
+        np.testing.assert_allclose(sum(t(x)[0] for t in two), one(x)[0], rtol=1e-13)
+        np.testing.assert_allclose(sum(t(x)[1] for t in two), one(x)[1], rtol=1e-12, atol=1e-13)
+        assert [t.name for t in sauter_terms(which, 0.02, 0.3, None, lay)] == [f"sauter_{which}"]
+
+
+def test_edge_terms_by_hand_and_against_finite_differences():
+    lay = FlatLayout(2, FULL_GRID.size, order="site_major", n_other=1)
+    x = flat_x(lay, 8)
+    edges = np.array([7112.0, 7160.0])                              # site 1: region at the top end
+    out, inside = sauter_terms("fdp", 0.05, 0.3, 1.5, lay, FULL_GRID, edges)
+    m = edge_region_steps(FULL_GRID, edges)
+    d = np.diff(lay.split(x)[1], axis=1) - 0.05
+    assert inside(x)[0] == pytest.approx(np.sum(d[m] ** 2) / (2 * 1.5 ** 2))
+    assert out(x)[0] == pytest.approx(np.sum(d[~m] ** 2) / (2 * 0.3 ** 2))
+    for t in (out, inside, RestraintSum([out, inside], lay)):
+        assert_flat_gradient(t, lay, x)
+    # 7102-7106 … 7130-7134 (8) and 7150-7154 … 7166-7170 (5)
+    assert "on 13 of 50 adjacent differences" in inside.describe()
+
+
+def test_edge_sigma_in_the_constrained_mode_and_bad_values():
+    words = ["kramers_kronig.use=true", "kramers_kronig.mode=constrained", "fdp.edge_sigma=1"]
+    assert active_terms(cfg(*words)) == ["sauter_fdp", "sauter_fdp_edge", "kk_constrained"]
+    with pytest.raises(InputError, match="restraints.fdp.edge_sigma: must be > 0") as err:
+        build_restraints(cfg("fdp.edge_sigma=0"), FULL_GRID, ["Fe"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="steps has shape"):
+        SauterRestraint("fdp", 0.0, 0.3, FlatLayout(1, 5), steps=np.ones((1, 5), bool))
 
 
 # ----------------------------------------------------------------- floor and weight

@@ -59,13 +59,15 @@ RESTRAINT_CASES = {
     "kramers_kronig": ("restraints.fp.mean=None", "restraints.fdp.mean=None",
                        "restraints.kramers_kronig.use=True", "restraints.kramers_kronig.weight=30"),
     "none": ("restraints.fp.mean=None", "restraints.fdp.mean=None"),
+    "sauter_edges": ("restraints.fp.edge_sigma=0.5", "restraints.fdp.edge_sigma=1.0"),
 }
+ACTIVE = {"none": [], "sauter_edges": ["sauter_fp", "sauter_fp_edge", "sauter_fdp", "sauter_fdp_edge"]}
 
 
 @pytest.mark.parametrize("case", list(RESTRAINT_CASES))
 def test_gradient_matches_finite_differences(tiny, cache, case, gradient_check):
     p = problem(tiny, cache, *RESTRAINT_CASES[case])
-    assert p.restraints.active == ([] if case == "none" else [case])
+    assert p.restraints.active == ACTIVE.get(case, [case])
     rng = np.random.default_rng(3)
     x = start_x(p)
     x[:p.n_glob] += rng.normal(0, 0.3, p.n_glob)         # off the optimum: large gradients
